@@ -1,0 +1,92 @@
+"""`params.yaml` → typed, validated settings. Unknown keys and bad values fail loudly, naming the key."""
+
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+import typing
+
+import yaml
+
+from elborl.evaluate import EvalConfig
+from elborl.models.shapes_model import ShapesModelConfig
+from elborl.pretrain import PretrainConfig
+from elborl.sampling import ODE_SAMPLERS
+
+
+@dataclass
+class PromptsConfig:
+    train_per_task: int = 1000  # capped by what the world has left after removing the test prompts
+    train_seed: int = 1
+
+
+@dataclass
+class Params:
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    base_model: ShapesModelConfig = field(default_factory=ShapesModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    artifacts: str = "artifacts"
+
+
+class ParamsError(ValueError):
+    pass
+
+
+def _convert(value, kind, where: str):
+    origin = typing.get_origin(kind)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ParamsError(f"{where}: expected a list, got {value!r}")
+        return tuple(_convert(v, typing.get_args(kind)[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, str, bool) and type(value) is kind:
+        return value
+    raise ParamsError(f"{where}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
+
+
+def _build(cls, raw, where: str):
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{where}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ParamsError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
+    values = {}
+    for name, value in raw.items():
+        kind, key = hints[name], f"{where}.{name}" if where else name
+        values[name] = _build(kind, value, key) if is_dataclass(kind) else _convert(value, kind, key)
+    return cls(**values)
+
+
+def _check(params: Params) -> None:
+    positive = {"prompts.train_per_task": params.prompts.train_per_task,"pretrain.steps": params.pretrain.steps, "pretrain.batch_size": params.pretrain.batch_size,
+                "pretrain.lr": params.pretrain.lr, "evaluate.steps": params.evaluate.steps,
+                "evaluate.images_per_prompt": params.evaluate.images_per_prompt}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ParamsError(f"{key} must be > 0, got {value}")
+    if params.evaluate.sampler not in ODE_SAMPLERS:
+        raise ParamsError(f"evaluate.sampler: unknown sampler {params.evaluate.sampler!r}; expected one of {ODE_SAMPLERS}")
+    if any(c % 32 for c in params.base_model.channels):
+        raise ParamsError(f"base_model.channels must be multiples of 32 (group norm), got {params.base_model.channels}")
+
+
+def parse_params(raw: dict | None, source: str = "params") -> Params:
+    try:
+        params = _build(Params, raw or {}, "")
+        _check(params)
+    except ParamsError as error:
+        raise ParamsError(f"{source}: {error}") from None
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"parameters file {path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path}: not valid YAML: {error}") from None
+    return parse_params(raw, str(path))

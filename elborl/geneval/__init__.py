@@ -1,0 +1,1 @@
+"""GenEval: prompt metadata, detections and the scoring rules (implemented once, for every detector)."""

@@ -1,0 +1,217 @@
+"""GenEval prompt generator: the six task templates over any vocabulary.
+
+The shapes world uses `elborl.shapes.world.SHAPES_VOCABULARY`; the real GenEval is the same
+generator over COCO's 80 classes and ten colours. Every record follows the metadata format of
+`elborl.geneval.types`: {"tag", "prompt", "include", "exclude"}.
+
+Sampling is deterministic given the seed: each task draws from its own numpy Generator seeded
+with (seed, task index), over the task's prompts enumerated in vocabulary order, so nothing
+depends on hash randomisation, set order or the order of the caller's dict.
+"""
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+
+from elborl.geneval.types import TASKS
+from elborl.shapes.world import SHAPES_VOCABULARY, Vocabulary
+
+# GenEval never asks for the colour of a person (colors task only).
+CLASSES_WITHOUT_COLOR_PROMPT = ("person",)
+
+# Words that start with a vowel letter but a consonant sound ("a unicorn", "a one-way sign").
+_CONSONANT_SOUND_PREFIXES = ("uni", "use", "eu", "one")
+
+SHAPES_TEST_COUNTS = {
+    "single_object": 4,
+    "two_object": 8,
+    "counting": 8,
+    "colors": 12,
+    "position": 16,
+    "color_attr": 24,
+}
+SHAPES_TEST_SEED = 0
+
+
+# --- words -----------------------------------------------------------------------------
+
+def article(word: str) -> str:
+    """'an' before a vowel sound, else 'a' (by spelling, with the common exceptions)."""
+    lowered = word.lower()
+    if lowered.startswith(_CONSONANT_SOUND_PREFIXES):
+        return "a"
+    return "an" if lowered[:1] in "aeiou" else "a"
+
+
+def with_article(word: str) -> str:
+    return f"{article(word)} {word}"
+
+
+def plural(word: str) -> str:
+    """GenEval's plural rule: +'es' after a trailing 's', else +'s'."""
+    return word + "es" if word.endswith("s") else word + "s"
+
+
+# --- one task's prompts ----------------------------------------------------------------
+
+def _ordered_pairs(items):
+    return [(a, b) for a, b in itertools.permutations(items, 2)]
+
+
+def task_parameters(vocab: Vocabulary, task: str) -> list[tuple]:
+    """Every distinct parameter tuple of a task, in a fixed order given by the vocabulary."""
+    classes, colors = vocab.classes, vocab.colors
+    if task == "single_object":
+        return [(c,) for c in classes]
+    if task == "two_object":
+        return _ordered_pairs(classes)
+    if task == "counting":
+        return [(c, n) for c in classes for n in vocab.counting_numbers]
+    if task == "colors":
+        return [(col, c) for c in classes if c not in CLASSES_WITHOUT_COLOR_PROMPT for col in colors]
+    if task == "position":
+        return [(a, rel, b) for a, b in _ordered_pairs(classes) for rel in vocab.relations]
+    if task == "color_attr":
+        return [(c1, a, c2, b) for a, b in _ordered_pairs(classes) for c1, c2 in _ordered_pairs(colors)]
+    raise ValueError(f"unknown GenEval task {task!r}; expected one of {TASKS}")
+
+
+def make_record(vocab: Vocabulary, task: str, params: tuple) -> dict:
+    """The GenEval metadata record of one parameter tuple of `task_parameters`."""
+    exclude: list[dict] = []
+    if task == "single_object":
+        (name,) = params
+        prompt = f"a photo of {with_article(name)}"
+        include = [{"class": name, "count": 1}]
+    elif task == "two_object":
+        a, b = params
+        prompt = f"a photo of {with_article(a)} and {with_article(b)}"
+        include = [{"class": a, "count": 1}, {"class": b, "count": 1}]
+    elif task == "counting":
+        name, n = params
+        prompt = f"a photo of {vocab.number_words[n]} {plural(name)}"
+        include = [{"class": name, "count": n}]
+        exclude = [{"class": name, "count": n + 1}]  # exactly n: n + 1 or more fails
+    elif task == "colors":
+        color, name = params
+        prompt = f"a photo of {with_article(color)} {name}"
+        include = [{"class": name, "count": 1, "color": color}]
+    elif task == "position":
+        a, relation, b = params
+        prompt = f"a photo of {with_article(a)} {relation} {with_article(b)}"
+        # GenEval lists the reference object first; A's position points at clause 0.
+        include = [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [relation, 0]}]
+    elif task == "color_attr":
+        c1, a, c2, b = params
+        prompt = f"a photo of {with_article(c1)} {a} and {with_article(c2)} {b}"
+        include = [{"class": a, "count": 1, "color": c1}, {"class": b, "count": 1, "color": c2}]
+    else:
+        raise ValueError(f"unknown GenEval task {task!r}; expected one of {TASKS}")
+    return {"tag": task, "prompt": prompt, "include": include, "exclude": exclude}
+
+
+def enumerate_prompts(vocab: Vocabulary, task: str) -> list[dict]:
+    """All distinct prompts of a task (for COCO's color_attr that is ~570k records)."""
+    return [make_record(vocab, task, p) for p in task_parameters(vocab, task)]
+
+
+def sample_prompts(
+    vocab: Vocabulary, task: str, n: int, rng: np.random.Generator, exclude_prompts=frozenset()
+) -> list[dict]:
+    """Up to `n` distinct prompts of a task, drawn without replacement, none in `exclude_prompts`.
+
+    Fewer than `n` come back when the task has fewer prompts left after the exclusion.
+    """
+    if n < 0:
+        raise ValueError(f"cannot draw {n} prompts")
+    params = task_parameters(vocab, task)
+    records: list[dict] = []
+    for index in rng.permutation(len(params)):
+        if len(records) == n:
+            break
+        record = make_record(vocab, task, params[index])
+        if record["prompt"] not in exclude_prompts:
+            records.append(record)
+    return records
+
+
+# --- prompt sets -----------------------------------------------------------------------
+
+def generate(vocab: Vocabulary, counts_per_task: dict, seed: int, exclude_prompts=frozenset()) -> list[dict]:
+    """A prompt set: `counts_per_task[task]` distinct prompts per task, tasks in GenEval's order.
+
+    Each task has its own random stream (seed, task index), so changing one task's count leaves
+    the others' draws unchanged. A task asking for more prompts than exist gets all of them.
+    """
+    unknown = set(counts_per_task) - set(TASKS)
+    if unknown:
+        raise ValueError(f"unknown GenEval tasks {sorted(unknown)}; expected some of {TASKS}")
+    exclude = frozenset(exclude_prompts)
+    records: list[dict] = []
+    for task_index, task in enumerate(TASKS):
+        if task not in counts_per_task:
+            continue
+        rng = np.random.default_rng([seed, task_index])
+        records += sample_prompts(vocab, task, int(counts_per_task[task]), rng, exclude)
+    return records
+
+
+def shapes_test_set() -> list[dict]:
+    """The fixed test set of the shapes world (72 prompts; all 4 single-object prompts)."""
+    return generate(SHAPES_VOCABULARY, SHAPES_TEST_COUNTS, SHAPES_TEST_SEED)
+
+
+def shapes_train_set(n_per_task, seed: int) -> list[dict]:
+    """Training prompts of the shapes world: never a test prompt, whatever the seed.
+
+    `n_per_task` is one count for every task or a {task: count} dict. Tasks whose prompts are
+    used up by the test set get fewer (single_object gets none).
+    """
+    counts = n_per_task if isinstance(n_per_task, dict) else {task: n_per_task for task in TASKS}
+    test_prompts = {record["prompt"] for record in shapes_test_set()}
+    return generate(SHAPES_VOCABULARY, counts, seed, exclude_prompts=test_prompts)
+
+
+# --- JSONL -----------------------------------------------------------------------------
+
+REQUIRED_KEYS = ("tag", "prompt", "include")
+
+
+def write_jsonl(path, records) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path) -> list[dict]:
+    """Prompt records from a GenEval-style JSONL file; blank lines are skipped.
+
+    A record without "exclude" gets an empty one. Malformed lines raise ValueError naming the
+    file and the 1-based line number.
+    """
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            records.append(_parse_record(line, Path(path), line_number))
+    return records
+
+
+def _parse_record(line: str, path: Path, line_number: int) -> dict:
+    where = f"{path}:{line_number}"
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where}: not valid JSON ({error.msg})") from error
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    missing = [key for key in REQUIRED_KEYS if key not in record]
+    if missing:
+        raise ValueError(f"{where}: record lacks {', '.join(missing)}")
+    if not isinstance(record["include"], list):
+        raise ValueError(f"{where}: 'include' must be a list")
+    record.setdefault("exclude", [])
+    return record

@@ -1,0 +1,1 @@
+"""Velocity backbones behind one interface: `encode_prompts(prompts)` and `velocity(x_t, t, cond)`."""

@@ -1,0 +1,106 @@
+"""The embedded base model: a small pixel-space text-to-image flow model built from stock components.
+
+diffusers' `UNet2DConditionModel` predicts the velocity `v(x_t, t, c) ≈ eps - x0` directly on 32x32 RGB
+pixels (no VAE: at this size a latent space would cost more than it saves), conditioned by cross-attention
+on a tiny `CLIPTextModel` over a word-level tokenizer. All three save and load with `save_pretrained`.
+"""
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+import json
+
+import torch
+from diffusers import UNet2DConditionModel
+from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
+
+from elborl.models.tokenizer import build_tokenizer
+from elborl.shapes.world import IMAGE_SIZE, SHAPES_VOCABULARY, Vocabulary
+
+
+@dataclass
+class ShapesModelConfig:
+    image_size: int = IMAGE_SIZE
+    channels: tuple[int, ...] = (32, 64, 128)
+    layers_per_block: int = 1
+    text_width: int = 128
+    text_layers: int = 2
+    max_tokens: int = 16
+
+
+@dataclass
+class PromptEmbedding:
+    hidden: torch.Tensor  # B x L x D
+    mask: torch.Tensor  # B x L, 1 for real tokens
+
+    def __getitem__(self, index) -> "PromptEmbedding":
+        return PromptEmbedding(self.hidden[index], self.mask[index])
+
+    @staticmethod
+    def cat(parts: list["PromptEmbedding"]) -> "PromptEmbedding":
+        return PromptEmbedding(torch.cat([p.hidden for p in parts]), torch.cat([p.mask for p in parts]))
+
+
+class ShapesFlowModel(torch.nn.Module):
+    def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer, config: ShapesModelConfig):
+        super().__init__()
+        self.unet, self.text_encoder, self.tokenizer, self.config = unet, text_encoder, tokenizer, config
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return (self.unet.config.in_channels, self.config.image_size, self.config.image_size)
+
+    @classmethod
+    def from_config(cls, config: ShapesModelConfig = ShapesModelConfig(), vocab: Vocabulary = SHAPES_VOCABULARY, seed: int = 0):
+        torch.manual_seed(seed)
+        tokenizer = build_tokenizer(vocab, config.max_tokens)
+        text_config = CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=config.text_width, intermediate_size=2 * config.text_width,
+            num_hidden_layers=config.text_layers, num_attention_heads=4, max_position_embeddings=config.max_tokens,
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        n = len(config.channels)
+        unet = UNet2DConditionModel(
+            sample_size=config.image_size, in_channels=3, out_channels=3,
+            block_out_channels=config.channels, layers_per_block=config.layers_per_block,
+            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+            up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+            cross_attention_dim=config.text_width, attention_head_dim=32, norm_num_groups=32,
+            # Self-attention over 16x16 = 256 pixels dominated CPU time (over 40%); at that resolution the
+            # blocks attend to the prompt only, and full self-attention is kept at the coarsest level.
+            only_cross_attention=(False,) + (True,) * (n - 2) + (False,),
+        )
+        return cls(unet, CLIPTextModel(text_config), tokenizer, config)
+
+    def encode_prompts(self, prompts: list[str]) -> PromptEmbedding:
+        tokens = self.tokenizer(list(prompts), padding="max_length", max_length=self.config.max_tokens,
+                                truncation=True, return_tensors="pt").to(self.device)
+        hidden = self.text_encoder(tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+        return PromptEmbedding(hidden, tokens.attention_mask)
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: PromptEmbedding) -> torch.Tensor:
+        """v(x_t, t, c); t in [0, 1] (1 = noise) is fed to the UNet on its 0..1000 timestep scale."""
+        t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
+        return self.unet(x_t, t * 1000, encoder_hidden_states=cond.hidden,
+                         encoder_attention_mask=cond.mask).sample
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        self.unet.save_pretrained(directory / "unet")
+        self.text_encoder.save_pretrained(directory / "text_encoder")
+        self.tokenizer.save_pretrained(directory / "tokenizer")
+        (directory / "shapes_model.json").write_text(json.dumps(asdict(self.config), indent=1))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "ShapesFlowModel":
+        directory = Path(directory)
+        if not (directory / "shapes_model.json").exists():
+            raise FileNotFoundError(f"{directory} holds no shapes model (shapes_model.json missing)")
+        raw = json.loads((directory / "shapes_model.json").read_text())
+        config = ShapesModelConfig(**{**raw, "channels": tuple(raw["channels"])})
+        return cls(UNet2DConditionModel.from_pretrained(directory / "unet"),
+                   CLIPTextModel.from_pretrained(directory / "text_encoder"),
+                   AutoTokenizer.from_pretrained(directory / "tokenizer"), config)

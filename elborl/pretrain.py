@@ -1,0 +1,130 @@
+"""Pretraining the embedded base model by flow matching on rendered shapes.
+
+x_t = (1 - t) x0 + t eps, target velocity eps - x0 (METHOD.md §0); t is logit-normal then shifted like
+the sampling schedule, so training spends its steps where sampling spends its queries.
+"""
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+import copy
+import hashlib
+import json
+import os
+import shutil
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from elborl.geneval.prompts import enumerate_prompts
+from elborl.geneval.types import TASKS
+from elborl.models.shapes_model import ShapesFlowModel, ShapesModelConfig
+from elborl.sampling import from_uint8
+from elborl.shapes.render import render
+from elborl.shapes.world import SHAPES_VOCABULARY
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 700
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    ema_decay: float = 0.99
+    prompt_dropout: float = 0.1  # empty prompts, so classifier-free guidance has an unconditional model
+    shift: float = 3.0
+    seed: int = 0
+
+
+class RenderedPrompts:
+    """An endless stream of (prompt, rendered image) batches over all six tasks, tasks equally likely."""
+
+    def __init__(self, seed: int, vocab=SHAPES_VOCABULARY):
+        self.rng = np.random.default_rng(seed)
+        self.by_task = [enumerate_prompts(vocab, task) for task in TASKS]
+
+    def batch(self, n: int) -> tuple[list[str], torch.Tensor]:
+        metas = []
+        for task in self.rng.integers(len(TASKS), size=n):
+            records = self.by_task[task]
+            metas.append(records[self.rng.integers(len(records))])
+        images = np.stack([render(meta, self.rng)[0] for meta in metas])
+        return [m["prompt"] for m in metas], from_uint8(images)
+
+
+def flow_matching_loss(model, x0, prompts, t, generator=None) -> torch.Tensor:
+    eps = torch.randn(x0.shape, generator=generator)
+    t_ = t.view(-1, 1, 1, 1)
+    x_t = (1 - t_) * x0 + t_ * eps
+    v = model.velocity(x_t, t, model.encode_prompts(prompts))
+    return (v - (eps - x0)).pow(2).mean()
+
+
+def training_times(n: int, shift: float, generator) -> torch.Tensor:
+    u = torch.sigmoid(torch.randn(n, generator=generator))
+    return shift * u / (1 + (shift - 1) * u)
+
+
+def pretrain(model_config: ShapesModelConfig, config: PretrainConfig, progress: bool = True, log=print):
+    """Returns the EMA model (what gets saved and sampled) and a list of per-step losses."""
+    torch.manual_seed(config.seed)
+    model = ShapesFlowModel.from_config(model_config, seed=config.seed)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / config.warmup_steps))
+    data = RenderedPrompts(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    losses, start = [], time.time()
+    bar = tqdm(range(config.steps), desc="pretraining base model", disable=not progress)
+    for step in bar:
+        prompts, x0 = data.batch(config.batch_size)
+        drop = torch.rand(len(prompts), generator=generator) < config.prompt_dropout
+        prompts = ["" if d else p for p, d in zip(prompts, drop)]
+        loss = flow_matching_loss(model, x0, prompts, training_times(len(prompts), config.shift, generator), generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        update_ema(ema, model, min(config.ema_decay, (1 + step) / (10 + step)))
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+    log(f"pretrained {config.steps} steps x {config.batch_size} images in {time.time() - start:.0f} s "
+        f"(final loss {np.mean(losses[-50:]):.4f})")
+    return ema, losses
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+
+
+def cache_key(model_config: ShapesModelConfig, config: PretrainConfig) -> str:
+    blob = json.dumps({"model": asdict(model_config), "pretrain": asdict(config)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def ensure_base_model(model_config: ShapesModelConfig, config: PretrainConfig, cache_root: str | Path,
+                      progress: bool = True, log=print) -> tuple[ShapesFlowModel, Path]:
+    """The pretrained base model for these settings: loaded from the cache, or trained and cached.
+
+    The model is written beside its final place and renamed last, so a killed run never leaves a
+    half-written model that a later run would take for finished.
+    """
+    path = Path(cache_root) / cache_key(model_config, config)
+    if (path / "pretrain_log.json").exists():
+        log(f"base model: reusing {path}")
+        return ShapesFlowModel.from_pretrained(path), path
+    log(f"base model: pretraining ({config.steps} steps of {config.batch_size}) -> {path}")
+    start = time.time()
+    model, losses = pretrain(model_config, config, progress, log)
+    staging = path.with_name(f"{path.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    (staging / "pretrain_log.json").write_text(json.dumps(
+        {"seconds": round(time.time() - start, 1), "losses": losses, "config": asdict(config)}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging.rename(path)
+    return model, path

@@ -1,0 +1,1 @@
+"""The embedded default world: GenEval's task structure over rendered shapes."""

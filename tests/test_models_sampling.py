@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+import torch
+
+from elborl.models.tokenizer import build_tokenizer
+from elborl.models.shapes_model import ShapesFlowModel
+from elborl.pretrain import PretrainConfig, pretrain
+from elborl.sampling import make_scheduler, sample, sampler_times, to_uint8
+from elborl.shapes.world import SHAPES_VOCABULARY
+
+from conftest import TINY
+
+PROMPTS = ["a photo of a red circle", "a photo of three squares", "a photo of a triangle left of a diamond"]
+
+
+def test_tokenizer_ids_are_a_function_of_the_vocabulary():
+    a, b = build_tokenizer(SHAPES_VOCABULARY), build_tokenizer(SHAPES_VOCABULARY)
+    assert a.get_vocab() == b.get_vocab()
+    ids = a("a photo of an orange diamond").input_ids
+    assert a.unk_token_id not in ids and ids[0] == a.bos_token_id and ids[-1] == a.eos_token_id
+
+
+def test_save_load_round_trip_gives_identical_velocities(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    loaded = ShapesFlowModel.from_pretrained(tmp_path).eval()
+    x, t = torch.randn(3, 3, 32, 32), torch.tensor([0.9, 0.5, 0.1])
+    with torch.no_grad():
+        expected = tiny_model.velocity(x, t, tiny_model.encode_prompts(PROMPTS))
+        got = loaded.velocity(x, t, loaded.encode_prompts(PROMPTS))
+    assert torch.equal(expected, got)
+    assert loaded.tokenizer.get_vocab() == tiny_model.tokenizer.get_vocab()
+
+
+def test_loading_a_directory_without_a_model_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no shapes model"):
+        ShapesFlowModel.from_pretrained(tmp_path)
+
+
+def test_euler_schedule_is_sd3_shifted_linspace():
+    # METHOD.md §0: linspace(1, 1/1000, 10) through s t / (1 + (s - 1) t), s = 3.
+    expected = [1.000, .960, .913, .857, .790, .706, .601, .463, .275, .003]
+    assert np.allclose(sampler_times("euler", 10).numpy(), expected, atol=6e-4)
+    assert make_scheduler("euler", 10).sigmas[-1] == 0
+
+
+def test_dpm2_is_second_order_flow_dpm_solver():
+    scheduler = make_scheduler("dpm2", 10)
+    assert scheduler.config.solver_order == 2 and scheduler.config.prediction_type == "flow_prediction"
+    times = sampler_times("dpm2", 10)
+    assert len(times) == 10 and bool((times[1:] < times[:-1]).all()) and times[0] > 0.99
+
+
+def test_unknown_sampler_is_rejected():
+    with pytest.raises(ValueError, match="unknown sampler"):
+        make_scheduler("heun", 10)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpm2"])
+def test_sampling_is_deterministic_per_seed_and_independent_of_batching(tiny_model, sampler):
+    seeds = [11, 12, 13]
+    a = sample(tiny_model, PROMPTS, seeds, sampler, steps=4)
+    b = sample(tiny_model, PROMPTS, seeds, sampler, steps=4)
+    assert torch.equal(a, b)
+    one_by_one = sample(tiny_model, PROMPTS, seeds, sampler, steps=4, batch_size=1)
+    assert torch.allclose(a, one_by_one, atol=1e-5)
+    other_seeds = sample(tiny_model, PROMPTS, [21, 22, 23], sampler, steps=4)
+    assert not torch.allclose(a, other_seeds)
+
+
+def test_guidance_one_is_plain_sampling_and_guidance_changes_samples(tiny_model):
+    seeds = [1, 2, 3]
+    plain = sample(tiny_model, PROMPTS, seeds, "euler", steps=3)
+    assert torch.equal(plain, sample(tiny_model, PROMPTS, seeds, "euler", steps=3, guidance=1.0))
+    assert not torch.allclose(plain, sample(tiny_model, PROMPTS, seeds, "euler", steps=3, guidance=4.0))
+
+
+def test_to_uint8_range(tiny_model):
+    images = to_uint8(torch.tensor([-2.0, -1.0, 0.0, 1.0, 3.0]).view(1, 1, 1, 5).expand(1, 3, 1, 5))
+    assert images.shape == (1, 1, 5, 3) and images.dtype == np.uint8
+    assert images[0, 0, :, 0].tolist() == [0, 0, 128, 255, 255]
+
+
+def test_pretraining_reduces_the_flow_matching_loss():
+    _, losses = pretrain(TINY, PretrainConfig(steps=40, batch_size=8, lr=2e-3, warmup_steps=5), progress=False,
+                         log=lambda *_: None)
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5])
