@@ -1,0 +1,103 @@
+"""The ELBO likelihood estimator of METHOD.md §2, as pure tensor functions.
+
+One ELBO *term* is one (sample, t) pair: a final sample `x0`, a time `t` drawn from the rollout sampler's
+own times, a fresh noise `eps`, the noised `x_t = (1 - t) x0 + t eps` and the velocity `v` some model
+predicts at `x_t`. Nothing here knows about policies, adapters or prompts: the caller feeds the same
+`x_t` to the current, old and reference models (§2, common random numbers) and passes each `v` to `elbo`.
+
+Typical use for a batch of B final samples:
+
+    times = elbo_times(sampler_times("dpm2", 10), B, generator)     # B x K
+    x0_terms, t_terms = expand_to_terms(x0, times)                   # (B*K) x ..., B*K
+    x_t, eps = perturb(x0_terms, t_terms, generator)
+    elbo_now = elbo(v_current, x0_terms, x_t, eps, t_terms, "adaptive")
+"""
+
+import math
+
+import torch
+from torch import Tensor
+
+WEIGHTINGS = ("adaptive", "t", "uniform", "exact")
+
+ADAPTIVE_WEIGHT_FLOOR = 1e-5  # §2: w is clipped below at 1e-5
+EXACT_TIME_OFFSET = 1e-3  # §2: (1 - t) / (t + 1e-3)
+
+
+def elbo_times(times: Tensor, n_samples: int, generator: torch.Generator, fraction: float = 0.99) -> Tensor:
+    """§2: per sample, a random permutation of the sampler's N times, keeping the first K = floor(fraction N).
+
+    Returns n_samples x K; each row holds K distinct entries of `times` (distinct positions, so distinct
+    values when the times are). K is at least 1. Deterministic given the generator's state.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    n_times = times.numel()
+    if n_times < 1:
+        raise ValueError("elbo_times needs at least one sampler time")
+    # the small offset keeps e.g. 0.29 * 100 = 28.999999999999996 from losing a time to rounding
+    keep = max(1, math.floor(fraction * n_times + 1e-9))
+    rows = [torch.randperm(n_times, generator=generator, device=generator.device)[:keep] for _ in range(n_samples)]
+    if not rows:
+        return times.new_empty(0, keep)
+    return times.reshape(-1)[torch.stack(rows).to(times.device)]
+
+
+def expand_to_terms(x0: Tensor, times: Tensor) -> tuple[Tensor, Tensor]:
+    """§2 "each (sample, t_k) is its own loss term": B samples x K times -> B*K terms, sample-major.
+
+    Returns (x0 repeated K times per sample, the matching flat times); term i belongs to sample i // K.
+    """
+    if times.dim() != 2 or times.shape[0] != x0.shape[0]:
+        raise ValueError(f"times must be B x K with B = {x0.shape[0]}, got {tuple(times.shape)}")
+    return x0.repeat_interleave(times.shape[1], dim=0), times.reshape(-1)
+
+
+def _per_row(t: Tensor, like: Tensor) -> Tensor:
+    """t (a scalar or one value per row) shaped to broadcast against a B x ... tensor."""
+    return t.to(like).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def perturb(x0: Tensor, t: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """§0/§2 forward process with fresh noise per term: returns (x_t = (1 - t) x0 + t eps, eps)."""
+    eps = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype).to(x0.device)
+    t = _per_row(t, x0)
+    return (1 - t) * x0 + t * eps, eps
+
+
+def _mean_over_data(x: Tensor) -> Tensor:
+    """mean_d: the mean over every dimension but the first (the term index)."""
+    return x.reshape(x.shape[0], -1).mean(dim=1)
+
+
+def clean_estimate(v: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+    """§0: x0_hat = x_t - t v."""
+    return x_t - _per_row(t, x_t) * v
+
+
+def adaptive_weight(x0_hat: Tensor, x0: Tensor) -> Tensor:
+    """§2: w = stopgrad(mean_d |x0_hat - x0|), clipped below at 1e-5; one weight per term."""
+    return _mean_over_data((x0_hat - x0).abs()).detach().clamp_min(ADAPTIVE_WEIGHT_FLOOR)
+
+
+def elbo(v: Tensor, x0: Tensor, x_t: Tensor, eps: Tensor, t: Tensor, weighting: str = "adaptive") -> Tensor:
+    """§2: the ELBO of each term (higher is more likely), shape B.
+
+    adaptive: -mean_d (x0_hat - x0)^2 / w with w = stopgrad(mean_d |x0_hat - x0|) (the recipe's default)
+    t:        -mean_d (x0_hat - x0)^2
+    uniform:  -mean_d (v - (eps - x0))^2
+    exact:    -((1 - t) / (t + 1e-3)) * mean_d (v - (eps - x0))^2
+    """
+    if weighting in ("adaptive", "t"):
+        x0_hat = clean_estimate(v, x_t, t)
+        squared = _mean_over_data((x0_hat - x0) ** 2)
+        if weighting == "t":
+            return -squared
+        return -squared / adaptive_weight(x0_hat, x0)
+    if weighting in ("uniform", "exact"):
+        squared = _mean_over_data((v - (eps - x0)) ** 2)
+        if weighting == "uniform":
+            return -squared
+        t = t.to(squared).reshape(-1)
+        return -((1 - t) / (t + EXACT_TIME_OFFSET)) * squared
+    raise ValueError(f"unknown ELBO weighting {weighting!r}; expected one of {WEIGHTINGS}")
