@@ -43,11 +43,12 @@ class PromptEmbedding:
 class ShapesFlowModel(torch.nn.Module):
     def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel, tokenizer, config: ShapesModelConfig):
         super().__init__()
-        self.unet, self.text_encoder, self.tokenizer, self.config = unet, text_encoder, tokenizer, config
+        # `denoiser` is the velocity network every backbone names the same way (the policy trains it).
+        self.denoiser, self.text_encoder, self.tokenizer, self.config = unet, text_encoder, tokenizer, config
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
-        return (self.unet.config.in_channels, self.config.image_size, self.config.image_size)
+        return (self.denoiser.config.in_channels, self.config.image_size, self.config.image_size)
 
     @classmethod
     def from_config(cls, config: ShapesModelConfig = ShapesModelConfig(), vocab: Vocabulary = SHAPES_VOCABULARY, seed: int = 0):
@@ -80,16 +81,16 @@ class ShapesFlowModel(torch.nn.Module):
     def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: PromptEmbedding) -> torch.Tensor:
         """v(x_t, t, c); t in [0, 1] (1 = noise) is fed to the UNet on its 0..1000 timestep scale."""
         t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
-        return self.unet(x_t, t * 1000, encoder_hidden_states=cond.hidden,
+        return self.denoiser(x_t, t * 1000, encoder_hidden_states=cond.hidden,
                          encoder_attention_mask=cond.mask).sample
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return next(self.denoiser.parameters()).device
 
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
-        self.unet.save_pretrained(directory / "unet")
+        self.denoiser.save_pretrained(directory / "unet")
         self.text_encoder.save_pretrained(directory / "text_encoder")
         self.tokenizer.save_pretrained(directory / "tokenizer")
         (directory / "shapes_model.json").write_text(json.dumps(asdict(self.config), indent=1))

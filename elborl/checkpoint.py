@@ -1,0 +1,65 @@
+"""Training checkpoints as safetensors + JSON (no pickle): policy weights, optimizer, RNG state, epoch.
+
+A checkpoint directory is written beside its final name and renamed last, so a kill mid-write leaves
+the previous checkpoint as the latest complete one.
+"""
+
+from pathlib import Path
+import json
+import os
+import shutil
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from elborl.policy import Policy
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, slots in state["state"].items():
+        for key, value in slots.items():
+            tensors[f"{index}/{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return tensors, {"param_groups": state["param_groups"]}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        index, key = name.split("/", 1)
+        state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(directory: str | Path, policy: Policy, optimizer, epoch: int, extra: dict | None = None) -> Path:
+    """Writes `directory/epoch-XXXXX` and points `directory/latest.json` at it."""
+    directory = Path(directory)
+    final = directory / f"epoch-{epoch:05d}"
+    staging = directory / f".epoch-{epoch:05d}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, staging / "policy.safetensors")
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    save_file(opt_tensors, staging / "optimizer.safetensors")
+    save_file({"torch_rng": torch.get_rng_state()}, staging / "rng.safetensors")
+    (staging / "state.json").write_text(json.dumps({"epoch": epoch, "optimizer": opt_meta, **(extra or {})}))
+    shutil.rmtree(final, ignore_errors=True)
+    staging.rename(final)
+    tmp = directory / f".latest.json.{os.getpid()}"
+    tmp.write_text(json.dumps({"checkpoint": final.name, "epoch": epoch}))
+    tmp.replace(directory / "latest.json")
+    return final
+
+
+def load_latest_checkpoint(directory: str | Path, policy: Policy, optimizer) -> dict | None:
+    """Restores the latest complete checkpoint; returns its state (epoch = epochs done) or None if none."""
+    pointer = Path(directory) / "latest.json"
+    if not pointer.exists():
+        return None
+    path = Path(directory) / json.loads(pointer.read_text())["checkpoint"]
+    policy.load_state_dict(load_file(path / "policy.safetensors"))
+    state = json.loads((path / "state.json").read_text())
+    _load_optimizer(optimizer, load_file(path / "optimizer.safetensors"), state["optimizer"])
+    torch.set_rng_state(load_file(path / "rng.safetensors")["torch_rng"])
+    return state

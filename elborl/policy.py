@@ -1,0 +1,150 @@
+"""The policies kept during training (METHOD.md §4) over one velocity backbone.
+
+- current θ: trained; old θ_old: rollouts are sampled from it; reference: the base weights; EMA of θ: evaluation.
+With LoRA (peft) the current and old policies are two adapters on one copy of the base weights and the
+reference is the adapters switched off. Full fine-tuning (small models only) keeps the old and reference
+networks as separate copies.
+"""
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+import copy
+
+import torch
+from peft import LoraConfig
+
+CURRENT, OLD, REFERENCE = "current", "old", "reference"
+FINETUNE_MODES = ("lora", "full")
+# METHOD.md §5: attention projections of SD3's joint blocks. The shapes UNet has the first four.
+SD3_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass
+class PolicyConfig:
+    finetune: str = "lora"
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_targets: tuple[str, ...] = UNET_LORA_TARGETS
+
+
+class Policy:
+    """`velocity(which, x_t, t, cond)` for which in (current, old, reference); the backbone's denoiser is trained."""
+
+    def __init__(self, backbone, config: PolicyConfig = PolicyConfig()):
+        if config.finetune not in FINETUNE_MODES:
+            raise ValueError(f"unknown finetune mode {config.finetune!r}; expected one of {FINETUNE_MODES}")
+        self.backbone, self.config = backbone, config
+        self.net = backbone.denoiser
+        backbone.requires_grad_(False)
+        if config.finetune == "lora":
+            lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, init_lora_weights="gaussian",
+                              target_modules=list(config.lora_targets))
+            self.net.add_adapter(lora, adapter_name=CURRENT)
+            self.net.add_adapter(copy.deepcopy(lora), adapter_name=OLD)
+            self._copies = {}
+        else:
+            self._copies = {OLD: copy.deepcopy(self.net), REFERENCE: copy.deepcopy(self.net)}
+            self.net.requires_grad_(True)
+        self._activate(CURRENT)
+        self.load_old_from_current()
+        self.ema = {name: p.detach().clone() for name, p in self.trainable_named_parameters()}
+
+    # --- which weights -------------------------------------------------------------------
+    def trainable_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        if self.config.finetune == "full":
+            return list(self.net.named_parameters())
+        return [(n, p) for n, p in self.net.named_parameters() if f".{CURRENT}." in n]
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for _, p in self.trainable_named_parameters()]
+
+    def _old_named_tensors(self) -> dict[str, torch.Tensor]:
+        if self.config.finetune == "full":
+            return dict(self._copies[OLD].named_parameters())
+        return {n.replace(f".{OLD}.", f".{CURRENT}."): p for n, p in self.net.named_parameters() if f".{OLD}." in n}
+
+    def _activate(self, which: str) -> None:
+        """Switch the adapters; peft flips requires_grad with the active adapter, so current is reset last."""
+        if self.config.finetune == "full":
+            return
+        if which == REFERENCE:
+            self.net.disable_adapters()
+            return
+        self.net.enable_adapters()
+        self.net.set_adapter(which)
+        for _, p in self.trainable_named_parameters():
+            p.requires_grad_(True)
+        for p in self._old_named_tensors().values():
+            p.requires_grad_(False)
+
+    @contextmanager
+    def weights(self, which: str):
+        """Inside the block `self.backbone.velocity` is the chosen policy's; current is restored after."""
+        if which not in (CURRENT, OLD, REFERENCE):
+            raise ValueError(f"unknown policy {which!r}")
+        if self.config.finetune == "full" and which != CURRENT:
+            original = self.backbone.denoiser
+            self.backbone.denoiser = self._copies[which]
+            try:
+                yield
+            finally:
+                self.backbone.denoiser = original
+            return
+        self._activate(which)
+        try:
+            yield
+        finally:
+            self._activate(CURRENT)
+
+    def velocity(self, which: str, x_t, t, cond) -> torch.Tensor:
+        with self.weights(which):
+            return self.backbone.velocity(x_t, t, cond)
+
+    # --- updates of the kept policies ----------------------------------------------------------
+    @torch.no_grad()
+    def load_old_from_current(self) -> None:
+        self.soft_update_old(0.0)
+
+    @torch.no_grad()
+    def soft_update_old(self, decay: float) -> None:
+        """θ_old ← d θ_old + (1 − d) θ (METHOD.md §4)."""
+        old = self._old_named_tensors()
+        for name, p in self.trainable_named_parameters():
+            old[name].lerp_(p, 1 - decay) if decay else old[name].copy_(p)
+
+    @torch.no_grad()
+    def update_ema(self, decay: float) -> None:
+        for name, p in self.trainable_named_parameters():
+            self.ema[name].lerp_(p, 1 - decay)
+
+    @contextmanager
+    def ema_weights(self):
+        """Current θ temporarily replaced by its EMA (for evaluation)."""
+        params = dict(self.trainable_named_parameters())
+        saved = {n: p.detach().clone() for n, p in params.items()}
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(self.ema[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(saved[n])
+
+    # --- state ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"current/{n}": p.detach().clone() for n, p in self.trainable_named_parameters()}
+        state.update({f"old/{n}": p.detach().clone() for n, p in self._old_named_tensors().items()})
+        state.update({f"ema/{n}": t.clone() for n, t in self.ema.items()})
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        old = self._old_named_tensors()
+        for name, p in self.trainable_named_parameters():
+            p.copy_(state[f"current/{name}"])
+            old[name].copy_(state[f"old/{name}"])
+            self.ema[name].copy_(state[f"ema/{name}"])

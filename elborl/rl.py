@@ -1,0 +1,226 @@
+"""The RL loop: epochs of rollout -> reward -> update (METHOD.md §2-§4), each phase a plain function.
+
+Every random draw of epoch e comes from generators seeded by (seed, e), so an epoch can be regenerated
+from the run's settings, and a resumed run continues exactly where a straight run would be.
+"""
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+import json
+import math
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from elborl.checkpoint import load_latest_checkpoint, save_checkpoint
+from elborl.likelihood import WEIGHTINGS, elbo, elbo_times, expand_to_terms, perturb
+from elborl.objectives import ADVANTAGE_MODES, OBJECTIVES, TermStats, group_advantages, kl_to_reference, policy_loss
+from elborl.policy import CURRENT, OLD, REFERENCE, Policy
+from elborl.sampling import ODE_SAMPLERS, sample, sampler_times, to_uint8
+
+
+@dataclass
+class RLConfig:
+    objective: str = "pepg"
+    weighting: str = "adaptive"
+    sampler: str = "dpm2"
+    steps: int = 10
+    shift: float = 3.0
+    guidance: float = 1.0  # 1.0 = CFG off (the recipe's headline setting)
+    prompts_per_epoch: int = 4
+    group_size: int = 8  # images per prompt; advantages are relative to the group
+    optimizer_steps_per_epoch: int = 1  # K = 1: all terms of an epoch accumulate into one step
+    micro_batch: int = 64  # terms per forward pass
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    grad_clip: float = 5.0
+    kl_beta: float = 1e-4
+    advantage: str = "recipe"
+    advantage_scale: float = 0.1
+    grpo_clip: float = 1e-3
+    elbo_fraction: float = 0.99
+    old_decay_rate: float = 0.001  # θ_old ← d θ_old + (1 − d) θ with d = min(rate · step, max)
+    old_decay_max: float = 0.5
+    ema_decay: float = 0.9
+    epochs: int = 100
+    checkpoint_every: int = 5
+    seed: int = 0
+
+    def validate(self) -> None:
+        choices = {"objective": OBJECTIVES, "weighting": WEIGHTINGS, "sampler": ODE_SAMPLERS,
+                   "advantage": ADVANTAGE_MODES}
+        for key, valid in choices.items():
+            if getattr(self, key) not in valid:
+                raise ValueError(f"rl.{key}: unknown {key} {getattr(self, key)!r}; expected one of {valid}")
+        for key in ("steps", "prompts_per_epoch", "group_size", "optimizer_steps_per_epoch", "micro_batch",
+                    "epochs", "checkpoint_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"rl.{key} must be >= 1, got {getattr(self, key)}")
+        if self.group_size < 2:
+            raise ValueError("rl.group_size must be >= 2: advantages are relative to the group")
+        if not 0 < self.elbo_fraction <= 1:
+            raise ValueError(f"rl.elbo_fraction must be in (0, 1], got {self.elbo_fraction}")
+        if not (self.lr > 0 and self.grad_clip > 0 and self.kl_beta >= 0 and 0 <= self.ema_decay < 1):
+            raise ValueError("rl: lr and grad_clip must be > 0, kl_beta >= 0, ema_decay in [0, 1)")
+
+
+def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch, stream]).generate_state(1)[0]))
+
+
+# --- rollout ------------------------------------------------------------------------------------
+@dataclass
+class Rollout:
+    """G samples per prompt, with everything needed to regenerate them (prompt, seed, sampler settings)."""
+
+    metas: list[dict]
+    group_ids: list[int]
+    seeds: list[int]
+    x0: torch.Tensor
+    sampler: dict = field(default_factory=dict)
+
+    def records(self) -> list[dict]:
+        return [{"prompt": m["prompt"], "tag": m["tag"], "group": g, "seed": s, **self.sampler}
+                for m, g, s in zip(self.metas, self.group_ids, self.seeds)]
+
+
+def choose_prompts(train_metas: list[dict], config: RLConfig, epoch: int) -> list[dict]:
+    rng = np.random.default_rng([config.seed, epoch, 0])
+    picks = rng.choice(len(train_metas), size=config.prompts_per_epoch, replace=len(train_metas) < config.prompts_per_epoch)
+    return [train_metas[i] for i in picks]
+
+
+def rollout(policy: Policy, prompt_metas: list[dict], config: RLConfig, epoch: int) -> Rollout:
+    """Samples G images per prompt from the old policy θ_old with an ODE sampler."""
+    metas = [m for m in prompt_metas for _ in range(config.group_size)]
+    group_ids = [i for i in range(len(prompt_metas)) for _ in range(config.group_size)]
+    first_seed = (config.seed * 100_003 + epoch) * 10_000  # disjoint from evaluation seeds (>= 10^6 apart per run)
+    seeds = [first_seed + i for i in range(len(metas))]
+    settings = {"sampler": config.sampler, "steps": config.steps, "shift": config.shift, "guidance": config.guidance}
+    with policy.weights(OLD):
+        x0 = sample(policy.backbone, [m["prompt"] for m in metas], seeds, config.sampler, config.steps,
+                    config.shift, config.guidance, batch_size=config.micro_batch)
+    return Rollout(metas, group_ids, seeds, x0, settings)
+
+
+# --- update ---------------------------------------------------------------------------------------
+def _term_losses(policy, config, x0, t, cond, advantages, generator, stats: list):
+    """Per-term losses of one micro-batch: the same x_t goes to current, old and reference (§2)."""
+    x_t, eps = perturb(x0, t, generator)
+    with torch.no_grad():
+        v_ref = policy.velocity(REFERENCE, x_t, t, cond) if config.kl_beta else None
+        elbo_old = elbo(policy.velocity(OLD, x_t, t, cond), x0, x_t, eps, t, config.weighting)
+    v = policy.velocity(CURRENT, x_t, t, cond)
+    elbo_current = elbo(v, x0, x_t, eps, t, config.weighting)
+    loss = policy_loss(config.objective, elbo_current, elbo_old, advantages, config.grpo_clip)
+    kl = kl_to_reference(v, v_ref) if v_ref is not None else torch.zeros_like(loss)
+    stats.append((TermStats.of(elbo_current.detach(), elbo_old, config.grpo_clip), kl.detach()))
+    return loss + config.kl_beta * kl
+
+
+def update(policy: Policy, optimizer, ro: Rollout, rewards: torch.Tensor, config: RLConfig, epoch: int) -> dict:
+    """One epoch of policy updates over all (sample, t_k) terms; K optimizer steps; then θ_old and EMA move."""
+    generator = epoch_generator(config.seed, epoch, 1)
+    advantages = group_advantages(rewards, ro.group_ids, config.advantage, config.advantage_scale)
+    times = elbo_times(sampler_times(config.sampler, config.steps, config.shift), len(ro.seeds), generator,
+                       config.elbo_fraction)
+    x0_terms, t_terms = expand_to_terms(ro.x0, times)
+    per_sample = times.shape[1]
+    with torch.no_grad():
+        cond = policy.backbone.encode_prompts([m["prompt"] for m in ro.metas])
+    order = torch.randperm(len(t_terms), generator=generator)
+    stats, grad_norms = [], []
+    for chunk in order.chunk(config.optimizer_steps_per_epoch):
+        optimizer.zero_grad(set_to_none=True)
+        for terms in chunk.split(config.micro_batch):
+            samples = terms // per_sample
+            losses = _term_losses(policy, config, x0_terms[terms], t_terms[terms], cond[samples],
+                                  advantages[samples], generator, stats)
+            (losses.sum() / len(chunk)).backward()
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), config.grad_clip)))
+        optimizer.step()
+    steps_taken = (epoch + 1) * config.optimizer_steps_per_epoch
+    policy.soft_update_old(min(config.old_decay_rate * steps_taken, config.old_decay_max))
+    policy.update_ema(config.ema_decay)
+    term_stats = stats[0][0]
+    for s, _ in stats[1:]:
+        term_stats = term_stats.merge(s)
+    return {**term_stats.summary(config.objective), "kl": float(torch.cat([k for _, k in stats]).mean()),
+            "grad_norm": float(np.mean(grad_norms)), "advantage_abs_mean": float(advantages.abs().mean())}
+
+
+# --- the loop -------------------------------------------------------------------------------------
+def make_optimizer(policy: Policy, config: RLConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(policy.trainable_parameters(), lr=config.lr, betas=(0.9, 0.999),
+                             weight_decay=config.weight_decay, eps=1e-8)
+
+
+def reward_summary(rewards: torch.Tensor, metas: list[dict]) -> dict:
+    out = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(correction=0))}
+    tags = np.array([m.get("tag", "all") for m in metas])
+    for tag in sorted(set(tags)):
+        out[f"reward/{tag}"] = float(rewards[torch.from_numpy(tags == tag)].mean())
+    return out
+
+
+def _append_jsonl(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _rows_before(path: Path, epoch: int) -> None:
+    """Drops metric rows of epochs a killed run logged after its last checkpoint (they will be redone)."""
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] < epoch]
+        path.write_text("".join(r + "\n" for r in rows))
+
+
+def train(policy: Policy, train_metas: list[dict], reward_fn, config: RLConfig, run_dir: str | Path,
+          evaluate_fn=None, eval_every: int = 0, progress: bool = True, stop_after_epoch: int | None = None) -> Path:
+    """Runs (or resumes) epochs until `config.epochs`; returns the metrics file.
+
+    reward_fn(images uint8 N x H x W x 3, metas) -> rewards (N,); evaluate_fn(policy) -> dict, run with the EMA
+    weights every `eval_every` epochs and logged to eval.jsonl with the training seconds spent so far.
+    """
+    config.validate()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=1))
+    metrics_path, eval_path = run_dir / "metrics.jsonl", run_dir / "eval.jsonl"
+    optimizer = make_optimizer(policy, config)
+    state = load_latest_checkpoint(run_dir / "checkpoints", policy, optimizer)
+    start, train_seconds = (state["epoch"], state["train_seconds"]) if state else (0, 0.0)
+    _rows_before(metrics_path, start)
+    _rows_before(eval_path, start + 1 if state else 0)
+    if state is None and evaluate_fn and eval_every:
+        _log_eval(eval_path, evaluate_fn, policy, 0, 0.0)
+    bar = tqdm(range(start, config.epochs), initial=start, total=config.epochs, desc="RL epochs", disable=not progress)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        ro = rollout(policy, choose_prompts(train_metas, config, epoch), config, epoch)
+        t1 = time.perf_counter()
+        rewards = torch.as_tensor(reward_fn(to_uint8(ro.x0), ro.metas), dtype=torch.float32)
+        t2 = time.perf_counter()
+        row = {"epoch": epoch, **reward_summary(rewards, ro.metas),
+               **update(policy, optimizer, ro, rewards, config, epoch)}
+        t3 = time.perf_counter()
+        train_seconds += t3 - t0
+        row.update(seconds_rollout=t1 - t0, seconds_reward=t2 - t1, seconds_update=t3 - t2, train_seconds=train_seconds)
+        _append_jsonl(metrics_path, row)
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", delta=f"{row['delta_mean']:.1e}")
+        done = epoch + 1
+        if evaluate_fn and eval_every and done % eval_every == 0:
+            _log_eval(eval_path, evaluate_fn, policy, done, train_seconds)
+        if done % config.checkpoint_every == 0 or done == config.epochs:
+            save_checkpoint(run_dir / "checkpoints", policy, optimizer, done, {"train_seconds": train_seconds})
+        if stop_after_epoch is not None and done >= stop_after_epoch:
+            break
+    return metrics_path
+
+
+def _log_eval(path: Path, evaluate_fn, policy: Policy, epoch: int, train_seconds: float) -> None:
+    with policy.ema_weights(), torch.no_grad():
+        result = evaluate_fn(policy)
+    _append_jsonl(path, {"epoch": epoch, "train_seconds": train_seconds, **result})
