@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw
 
 from elborl.geneval.scoring import GenEvalScorer, summarize
 from elborl.geneval.types import TASKS
-from elborl.sampling import sample, to_uint8
+from elborl.sampling import sample
 from elborl.shapes.detector import PaletteColorClassifier, ShapesDetector
 
 
@@ -35,7 +35,7 @@ def evaluate(model, metas: list[dict], config: EvalConfig = EvalConfig(), scorer
     seeds = [config.seed + i for i in range(len(expanded))]
     x0 = sample(model, [m["prompt"] for m in expanded], seeds, config.sampler, config.steps, config.shift,
                 config.guidance, config.batch_size, progress)
-    images = to_uint8(x0)
+    images = model.to_images(x0)
     scores = scorer.score(images, expanded)
     summary = summarize([m["tag"] for m in expanded], [s.correct for s in scores])
     summary["mean_reward"] = float(np.mean([s.reward for s in scores]))

@@ -1,7 +1,7 @@
 """Pretraining the embedded base model by flow matching on rendered shapes.
 
-x_t = (1 - t) x0 + t eps, target velocity eps - x0 (METHOD.md §0); t is logit-normal then shifted like
-the sampling schedule, so training spends its steps where sampling spends its queries.
+x_t = (1 - t) x0 + t eps, target velocity eps - x0 (METHOD.md §0); t is logit-normal (SD3's choice),
+optionally shifted toward noise like the sampling schedule.
 """
 
 from dataclasses import asdict, dataclass
@@ -33,7 +33,7 @@ class PretrainConfig:
     warmup_steps: int = 50
     ema_decay: float = 0.99
     prompt_dropout: float = 0.1  # empty prompts, so classifier-free guidance has an unconditional model
-    shift: float = 3.0
+    time_shift: float = 1.0
     seed: int = 0
 
 
@@ -81,7 +81,7 @@ def pretrain(model_config: ShapesModelConfig, config: PretrainConfig, progress: 
         prompts, x0 = data.batch(config.batch_size)
         drop = torch.rand(len(prompts), generator=generator) < config.prompt_dropout
         prompts = ["" if d else p for p, d in zip(prompts, drop)]
-        loss = flow_matching_loss(model, x0, prompts, training_times(len(prompts), config.shift, generator), generator)
+        loss = flow_matching_loss(model, x0, prompts, training_times(len(prompts), config.time_shift, generator), generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

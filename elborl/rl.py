@@ -18,7 +18,7 @@ from elborl.checkpoint import load_latest_checkpoint, save_checkpoint
 from elborl.likelihood import WEIGHTINGS, elbo, elbo_times, expand_to_terms, perturb
 from elborl.objectives import ADVANTAGE_MODES, OBJECTIVES, TermStats, group_advantages, kl_to_reference, policy_loss
 from elborl.policy import CURRENT, OLD, REFERENCE, Policy
-from elborl.sampling import ODE_SAMPLERS, sample, sampler_times, to_uint8
+from elborl.sampling import ODE_SAMPLERS, sample, sampler_times
 
 
 @dataclass
@@ -201,7 +201,7 @@ def train(policy: Policy, train_metas: list[dict], reward_fn, config: RLConfig, 
         t0 = time.perf_counter()
         ro = rollout(policy, choose_prompts(train_metas, config, epoch), config, epoch)
         t1 = time.perf_counter()
-        rewards = torch.as_tensor(reward_fn(to_uint8(ro.x0), ro.metas), dtype=torch.float32)
+        rewards = torch.as_tensor(reward_fn(policy.backbone.to_images(ro.x0), ro.metas), dtype=torch.float32)
         t2 = time.perf_counter()
         row = {"epoch": epoch, **reward_summary(rewards, ro.metas),
                **update(policy, optimizer, ro, rewards, config, epoch)}

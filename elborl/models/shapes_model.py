@@ -9,11 +9,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 import json
 
+import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
 from elborl.models.tokenizer import build_tokenizer
+from elborl.sampling import to_uint8
 from elborl.shapes.world import IMAGE_SIZE, SHAPES_VOCABULARY, Vocabulary
 
 
@@ -83,6 +85,10 @@ class ShapesFlowModel(torch.nn.Module):
         t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
         return self.denoiser(x_t, t * 1000, encoder_hidden_states=cond.hidden,
                          encoder_attention_mask=cond.mask).sample
+
+    def to_images(self, x0: torch.Tensor) -> np.ndarray:
+        """Final samples (pixels in [-1, 1]) as uint8 images N x H x W x 3."""
+        return to_uint8(x0)
 
     @property
     def device(self) -> torch.device:
