@@ -8,7 +8,9 @@ import yaml
 
 from elborl.evaluate import EvalConfig
 from elborl.models.shapes_model import ShapesModelConfig
+from elborl.policy import FINETUNE_MODES, PolicyConfig
 from elborl.pretrain import PretrainConfig
+from elborl.rl import RLConfig
 from elborl.sampling import ODE_SAMPLERS
 
 
@@ -24,6 +26,9 @@ class Params:
     base_model: ShapesModelConfig = field(default_factory=ShapesModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    eval_every: int = 10  # RL epochs between held-out evaluations of the EMA policy (0 = only at the end)
     artifacts: str = "artifacts"
 
 
@@ -68,6 +73,14 @@ def _check(params: Params) -> None:
             raise ParamsError(f"{key} must be > 0, got {value}")
     if params.evaluate.sampler not in ODE_SAMPLERS:
         raise ParamsError(f"evaluate.sampler: unknown sampler {params.evaluate.sampler!r}; expected one of {ODE_SAMPLERS}")
+    try:
+        params.rl.validate()
+    except ValueError as error:
+        raise ParamsError(str(error)) from None
+    if params.policy.finetune not in FINETUNE_MODES:
+        raise ParamsError(f"policy.finetune: unknown mode {params.policy.finetune!r}; expected one of {FINETUNE_MODES}")
+    if params.eval_every < 0:
+        raise ParamsError(f"eval_every must be >= 0, got {params.eval_every}")
     if any(c % 32 for c in params.base_model.channels):
         raise ParamsError(f"base_model.channels must be multiples of 32 (group norm), got {params.base_model.channels}")
 

@@ -1,10 +1,16 @@
-"""The main job on the embedded default: prompts -> base model (cached) -> evaluation -> table.
+"""The main job on the embedded default: prompts -> base model (cached) -> RL fine-tuning -> evaluation.
 
-    python -m elborl.embedded [--params params.yaml]
+    python -m elborl.embedded [--params params.yaml] [--skip-rl]
+
+Every phase resumes: the base model is cached by its settings, the RL run by its settings too (a killed run
+continues from its last checkpoint), and the final table compares the base model with the EMA policy.
 """
 
-import argparse
+from dataclasses import asdict
 from pathlib import Path
+import argparse
+import hashlib
+import json
 import time
 
 import torch
@@ -12,37 +18,75 @@ import torch
 from elborl.config import load_params
 from elborl.evaluate import evaluate, format_table, write_evaluation
 from elborl.geneval.prompts import shapes_test_set, shapes_train_set, write_jsonl
+from elborl.plots import plot_run
+from elborl.policy import Policy
 from elborl.pretrain import ensure_base_model
+from elborl.rewards.geneval import shapes_geneval_reward
+from elborl.rl import train
 
 
 def prepare_prompts(params, out_dir: Path) -> tuple[list[dict], list[dict]]:
     test = shapes_test_set()
-    train = shapes_train_set(params.prompts.train_per_task, params.prompts.train_seed)
+    train_set = shapes_train_set(params.prompts.train_per_task, params.prompts.train_seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "test.jsonl", test)
-    write_jsonl(out_dir / "train.jsonl", train)
-    return test, train
+    write_jsonl(out_dir / "train.jsonl", train_set)
+    return test, train_set
+
+
+def run_key(base_path: Path, params) -> str:
+    blob = json.dumps({"base": base_path.name, "policy": asdict(params.policy), "rl": asdict(params.rl),
+                       "evaluate": asdict(params.evaluate), "eval_every": params.eval_every}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def fine_tune(model, base_path: Path, train_set, test, params, root: Path) -> tuple[Policy, Path]:
+    run_dir = root / "runs" / run_key(base_path, params)
+    print(f"RL fine-tuning: {params.rl.objective} + {params.rl.weighting} ELBO + {params.rl.steps}-step "
+          f"{params.rl.sampler}, {params.rl.epochs} epochs -> {run_dir}")
+    policy = Policy(model, params.policy)
+
+    def held_out(p: Policy) -> dict:
+        summary, _, _ = evaluate(p.backbone, test, params.evaluate, progress=False)
+        return summary
+
+    train(policy, train_set, shapes_geneval_reward(), params.rl, run_dir, held_out, params.eval_every)
+    return policy, run_dir
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-rl", action="store_true", help="only pretrain (or reuse) and evaluate the base model")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     params = load_params(args.params)
     root = Path(params.artifacts)
 
-    test, train = prepare_prompts(params, root / "prompts")
-    print(f"prompts: {len(test)} test, {len(train)} train -> {root / 'prompts'}")
-    model, model_path = ensure_base_model(params.base_model, params.pretrain, root / "base_model")
+    test, train_set = prepare_prompts(params, root / "prompts")
+    print(f"prompts: {len(test)} test, {len(train_set)} train -> {root / 'prompts'}")
+    model, base_path = ensure_base_model(params.base_model, params.pretrain, root / "base_model")
 
     start = time.time()
-    summary, records, images = evaluate(model, test, params.evaluate)
-    written = write_evaluation(root / "eval" / "base", summary, records, images)
-    print(f"evaluated {len(records)} images in {time.time() - start:.0f} s")
-    print("\nshapes-GenEval (strict), held-out test prompts\n" + format_table({"base": summary}))
-    print(f"\nscores: {written['scores']}\ngrid:   {written['grid']}\nmodel:  {model_path}")
+    base_summary, records, images = evaluate(model, test, params.evaluate)
+    written = {"base": write_evaluation(root / "eval" / "base", base_summary, records, images)}
+    print(f"evaluated the base model on {len(records)} images in {time.time() - start:.0f} s")
+    summaries = {"base": base_summary}
+
+    if not args.skip_rl:
+        policy, run_dir = fine_tune(model, base_path, train_set, test, params, root)
+        with policy.ema_weights(), torch.no_grad():
+            tuned_summary, records, images = evaluate(policy.backbone, test, params.evaluate)
+        written["fine-tuned"] = write_evaluation(run_dir / "eval", tuned_summary, records, images)
+        summaries["fine-tuned"] = tuned_summary
+        curves = plot_run(run_dir, run_dir / "curves.png")
+
+    print("\nshapes-GenEval (strict), held-out test prompts\n" + format_table(summaries))
+    for name, paths in written.items():
+        print(f"{name:>10}: scores {paths['scores']}  grid {paths['grid']}")
+    if not args.skip_rl:
+        print(f"    curves: {curves}\n   metrics: {run_dir / 'metrics.jsonl'}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,45 @@
+import subprocess
+import sys
+
+import pytest
+
+from elborl.config import ParamsError, load_params, parse_params
+
+
+def test_the_shipped_params_file_is_valid():
+    params = load_params("params.yaml")
+    assert params.rl.objective == "pepg" and params.rl.weighting == "adaptive" and params.rl.guidance == 1.0
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"rl": {"objective": "ppo"}}, "rl.objective: unknown objective 'ppo'"),
+    ({"rl": {"weighting": "snr"}}, "rl.weighting: unknown weighting 'snr'"),
+    ({"rl": {"sampler": "ddim"}}, "rl.sampler: unknown sampler 'ddim'"),
+    ({"rl": {"group_size": 1}}, "group_size"),
+    ({"pretrain": {"stepz": 3}}, "unknown key(s) ['stepz']"),
+    ({"pretrain": {"lr": "fast"}}, "pretrain.lr: expected float"),
+    ({"evaluate": {"steps": 0}}, "evaluate.steps must be > 0"),
+    ({"policy": {"finetune": "adapters"}}, "policy.finetune: unknown mode"),
+    ({"base_model": {"channels": [32, 48]}}, "multiples of 32"),
+])
+def test_bad_values_name_the_key(raw, message):
+    with pytest.raises(ParamsError) as error:
+        parse_params(raw)
+    assert message in str(error.value)
+
+
+def test_malformed_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("rl: [unclosed")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+    with pytest.raises(FileNotFoundError):
+        load_params(tmp_path / "missing.yaml")
+
+
+def test_stage_cli_reports_a_missing_model_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "stages.evaluate", "--model", str(tmp_path / "nothing"),
+                             "--prompts", "x.jsonl", "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "holds no shapes model" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
