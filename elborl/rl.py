@@ -178,7 +178,8 @@ def _rows_before(path: Path, epoch: int) -> None:
 
 
 def train(policy: Policy, train_metas: list[dict], reward_fn, config: RLConfig, run_dir: str | Path,
-          evaluate_fn=None, eval_every: int = 0, progress: bool = True, stop_after_epoch: int | None = None) -> Path:
+          evaluate_fn=None, eval_every: int = 0, progress: bool = True, stop_after_epoch: int | None = None,
+          max_train_seconds: float | None = None) -> Path:
     """Runs (or resumes) epochs until `config.epochs`; returns the metrics file.
 
     reward_fn(images uint8 N x H x W x 3, metas) -> rewards (N,); evaluate_fn(policy) -> dict, run with the EMA
@@ -216,6 +217,10 @@ def train(policy: Policy, train_metas: list[dict], reward_fn, config: RLConfig, 
         if done % config.checkpoint_every == 0 or done == config.epochs:
             save_checkpoint(run_dir / "checkpoints", policy, optimizer, done, {"train_seconds": train_seconds})
         if stop_after_epoch is not None and done >= stop_after_epoch:
+            break
+        if max_train_seconds is not None and train_seconds >= max_train_seconds:
+            if done % config.checkpoint_every:
+                save_checkpoint(run_dir / "checkpoints", policy, optimizer, done, {"train_seconds": train_seconds})
             break
     return metrics_path
 
