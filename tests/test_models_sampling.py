@@ -10,13 +10,13 @@ from elborl.shapes.world import SHAPES_VOCABULARY
 
 from conftest import TINY
 
-PROMPTS = ["a photo of a red circle", "a photo of three squares", "a photo of a triangle left of a diamond"]
+PROMPTS = ["a photo of a red circle", "a photo of three squares", "a photo of a triangle left of a circle"]
 
 
 def test_tokenizer_ids_are_a_function_of_the_vocabulary():
     a, b = build_tokenizer(SHAPES_VOCABULARY), build_tokenizer(SHAPES_VOCABULARY)
     assert a.get_vocab() == b.get_vocab()
-    ids = a("a photo of an orange diamond").input_ids
+    ids = a("a photo of an orange triangle left of a square").input_ids
     assert a.unk_token_id not in ids and ids[0] == a.bos_token_id and ids[-1] == a.eos_token_id
 
 

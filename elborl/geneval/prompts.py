@@ -25,11 +25,11 @@ CLASSES_WITHOUT_COLOR_PROMPT = ("person",)
 _CONSONANT_SOUND_PREFIXES = ("uni", "use", "eu", "one")
 
 SHAPES_TEST_COUNTS = {
-    "single_object": 4,
-    "two_object": 8,
-    "counting": 8,
+    "single_object": 3,
+    "two_object": 4,
+    "counting": 6,
     "colors": 12,
-    "position": 16,
+    "position": 12,
     "color_attr": 24,
 }
 SHAPES_TEST_SEED = 0
@@ -159,7 +159,7 @@ def generate(vocab: Vocabulary, counts_per_task: dict, seed: int, exclude_prompt
 
 
 def shapes_test_set() -> list[dict]:
-    """The fixed test set of the shapes world (72 prompts; all 4 single-object prompts)."""
+    """The fixed test set of the shapes world (61 prompts; all 3 single-object prompts)."""
     return generate(SHAPES_VOCABULARY, SHAPES_TEST_COUNTS, SHAPES_TEST_SEED)
 
 

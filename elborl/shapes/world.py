@@ -1,12 +1,12 @@
 """The vocabulary of the shapes world.
 
-Small on purpose: four shapes, six colours (orange and red are the easily confused pair),
+Small on purpose: three shapes, six colours (orange and red are the easily confused pair),
 counts one to four, GenEval's four relations. Images are 32x32 RGB on a light gray background.
 """
 
 from dataclasses import dataclass, field
 
-SHAPES = ("circle", "square", "triangle", "diamond")
+SHAPES = ("circle", "square", "triangle")
 
 # RGB of each colour as the renderer paints it. Orange sits between red and yellow on purpose.
 PALETTE = {
@@ -25,8 +25,8 @@ NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
 
 IMAGE_SIZE = 32
 # Side of an object's bounding square, in pixels.
-MIN_OBJECT_SIZE = 7
-MAX_OBJECT_SIZE = 11
+MIN_OBJECT_SIZE = 8
+MAX_OBJECT_SIZE = 12
 
 
 @dataclass(frozen=True)
