@@ -44,6 +44,11 @@ def _convert(value, kind, where: str):
         return tuple(_convert(v, typing.get_args(kind)[0], f"{where}[{i}]") for i, v in enumerate(value))
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if kind in (int, str, bool) and type(value) is kind:
         return value
     raise ParamsError(f"{where}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
