@@ -66,3 +66,13 @@ def test_bad_settings_are_rejected_with_the_key_named(tmp_path):
         train(tiny_policy(), METAS, brightness, small_config(objective="ppo"), tmp_path, progress=False)
     with pytest.raises(ValueError, match="group_size"):
         small_config(group_size=1).validate()
+
+
+def test_a_short_run_raises_a_simple_reward(tmp_path):
+    """PEPG + adaptive ELBO on mean brightness: the reward climbs (a flipped gradient sign would lower it)."""
+    policy = tiny_policy("full")
+    config = RLConfig(prompts_per_epoch=2, group_size=4, steps=3, epochs=10, lr=1e-3, micro_batch=32,
+                      advantage="std", kl_beta=0.0, checkpoint_every=100)
+    train(policy, METAS, brightness, config, tmp_path, progress=False)
+    rewards = [r["reward_mean"] for r in rows(tmp_path / "metrics.jsonl")]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:2]) / 2 + 0.015, rewards
