@@ -76,3 +76,12 @@ def test_a_short_run_raises_a_simple_reward(tmp_path):
     train(policy, METAS, brightness, config, tmp_path, progress=False)
     rewards = [r["reward_mean"] for r in rows(tmp_path / "metrics.jsonl")]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:2]) / 2 + 0.015, rewards
+
+
+def test_epoch_prompts_are_balanced_over_tasks():
+    from elborl.rl import choose_prompts
+
+    skewed = [{"tag": "color_attr", "prompt": f"p{i}"} for i in range(90)] + [{"tag": "counting", "prompt": "c"}]
+    picks = [m["tag"] for e in range(50) for m in choose_prompts(skewed, small_config(prompts_per_epoch=4), e)]
+    assert 0.35 < picks.count("counting") / len(picks) < 0.65  # uniform over prompts would give ~0.01
+    assert choose_prompts(skewed, small_config(), 3) == choose_prompts(skewed, small_config(), 3)
