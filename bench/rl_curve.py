@@ -15,15 +15,11 @@ import time
 import torch
 import yaml
 
-from elborl.config import load_params, parse_params
-from elborl.embedded import prepare_prompts
-from elborl.evaluate import evaluate
+from elborl.config import parse_params
+from elborl.embedded import fine_tune, prepare_prompts
 from elborl.geneval.types import TASKS
 from elborl.plots import plot_run, read_jsonl_rows
-from elborl.policy import Policy
 from elborl.pretrain import ensure_base_model
-from elborl.rewards.geneval import shapes_geneval_reward
-from elborl.rl import train
 
 
 def with_overrides(params_path: str, overrides: list[str]):
@@ -53,14 +49,8 @@ def main() -> None:
     test, train_set = prepare_prompts(params, root / "prompts")
     model, _ = ensure_base_model(params.base_model, params.pretrain, root / "base_model")
     out = Path(args.out)
-    policy = Policy(model, params.policy)
-
-    def held_out(p):
-        return evaluate(p.backbone, test, params.evaluate, progress=False)[0]
-
     start = time.time()
-    train(policy, train_set, shapes_geneval_reward(), params.rl, out, held_out, params.eval_every,
-          max_train_seconds=args.minutes * 60)
+    fine_tune(model, train_set, test, params, out, max_train_seconds=args.minutes * 60)
     evals = read_jsonl_rows(out / "eval.jsonl")
     base = evals[0]["overall"]
     print(f"\nsettings: {json.dumps(args.set)}  wall {time.time() - start:.0f} s (incl. evaluations)")

@@ -40,8 +40,8 @@ def run_key(base_path: Path, params) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def fine_tune(model, base_path: Path, train_set, test, params, root: Path) -> tuple[Policy, Path]:
-    run_dir = root / "runs" / run_key(base_path, params)
+def fine_tune(model, train_set, test, params, run_dir: Path, max_train_seconds: float | None = None) -> Policy:
+    """RL from the base model with held-out evaluations of the EMA policy every `params.eval_every` epochs."""
     print(f"RL fine-tuning: {params.rl.objective} + {params.rl.weighting} ELBO + {params.rl.steps}-step "
           f"{params.rl.sampler}, {params.rl.epochs} epochs -> {run_dir}")
     policy = Policy(model, params.policy)
@@ -50,8 +50,9 @@ def fine_tune(model, base_path: Path, train_set, test, params, root: Path) -> tu
         summary, _, _ = evaluate(p.backbone, test, params.evaluate, progress=False)
         return summary
 
-    train(policy, train_set, shapes_geneval_reward(), params.rl, run_dir, held_out, params.eval_every)
-    return policy, run_dir
+    train(policy, train_set, shapes_geneval_reward(), params.rl, run_dir, held_out, params.eval_every,
+          max_train_seconds=max_train_seconds)
+    return policy
 
 
 def main(argv=None) -> None:
@@ -75,7 +76,8 @@ def main(argv=None) -> None:
     summaries = {"base": base_summary}
 
     if not args.skip_rl:
-        policy, run_dir = fine_tune(model, base_path, train_set, test, params, root)
+        run_dir = root / "runs" / run_key(base_path, params)
+        policy = fine_tune(model, train_set, test, params, run_dir)
         with policy.ema_weights(), torch.no_grad():
             tuned_summary, records, images = evaluate(policy.backbone, test, params.evaluate)
         written["fine-tuned"] = write_evaluation(run_dir / "eval", tuned_summary, records, images)

@@ -7,7 +7,6 @@ from the run's settings, and a resumed run continues exactly where a straight ru
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 import json
-import math
 import time
 
 import numpy as np
@@ -223,13 +222,10 @@ def train(policy: Policy, train_metas: list[dict], reward_fn, config: RLConfig, 
         done = epoch + 1
         if evaluate_fn and eval_every and done % eval_every == 0:
             _log_eval(eval_path, evaluate_fn, policy, done, train_seconds)
-        if done % config.checkpoint_every == 0 or done == config.epochs:
+        out_of_time = max_train_seconds is not None and train_seconds >= max_train_seconds
+        if done % config.checkpoint_every == 0 or done == config.epochs or out_of_time:
             save_checkpoint(run_dir / "checkpoints", policy, optimizer, done, {"train_seconds": train_seconds})
-        if stop_after_epoch is not None and done >= stop_after_epoch:
-            break
-        if max_train_seconds is not None and train_seconds >= max_train_seconds:
-            if done % config.checkpoint_every:
-                save_checkpoint(run_dir / "checkpoints", policy, optimizer, done, {"train_seconds": train_seconds})
+        if out_of_time or (stop_after_epoch is not None and done >= stop_after_epoch):
             break
     return metrics_path
 
