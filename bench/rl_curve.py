@@ -13,25 +13,11 @@ import json
 import time
 
 import torch
-import yaml
-
-from elborl.config import parse_params
+from elborl.config import load_params_with_overrides
 from elborl.embedded import fine_tune, prepare_prompts
 from elborl.geneval.types import TASKS
 from elborl.plots import plot_run, read_jsonl_rows
 from elborl.pretrain import ensure_base_model
-
-
-def with_overrides(params_path: str, overrides: list[str]):
-    raw = yaml.safe_load(Path(params_path).read_text())
-    for item in overrides:
-        key, value = item.split("=", 1)
-        *parents, leaf = key.split(".")
-        node = raw
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    return parse_params(raw, f"{params_path} with {overrides}")
 
 
 def main() -> None:
@@ -43,7 +29,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    params = with_overrides(args.params, args.set)
+    params = load_params_with_overrides(args.params, args.set)
     params = replace(params, rl=replace(params.rl, epochs=100_000))  # the time budget ends the run
     root = Path(params.artifacts)
     test, train_set = prepare_prompts(params, root / "prompts")

@@ -108,3 +108,23 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except yaml.YAMLError as error:
         raise ParamsError(f"{path}: not valid YAML: {error}") from None
     return parse_params(raw, str(path))
+
+
+def load_params_with_overrides(path: str | Path, overrides: list[str]) -> Params:
+    """`params.yaml` with dotted `key=value` overrides (values read as YAML), e.g. `rl.lr=1e-3`."""
+    path = Path(path)
+    raw = yaml.safe_load(path.read_text()) if path.exists() else None
+    if raw is None and path.exists():
+        raw = {}
+    elif raw is None:
+        raise FileNotFoundError(f"parameters file {path} not found")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ParamsError(f"override {item!r}: expected key=value")
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return parse_params(raw, f"{path} with {overrides}" if overrides else str(path))

@@ -40,19 +40,26 @@ def run_key(base_path: Path, params) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def fine_tune(model, train_set, test, params, run_dir: Path, max_train_seconds: float | None = None) -> Policy:
-    """RL from the base model with held-out evaluations of the EMA policy every `params.eval_every` epochs."""
+def fine_tune(model, train_set, test, params, run_dir: Path, max_train_seconds: float | None = None,
+              base_summary: dict | None = None):
+    """RL from the base model with held-out evaluations of the EMA policy every `params.eval_every` epochs
+    and after the last one (`base_summary`, when given, is the base model's and is not recomputed).
+    Returns the policy and the final evaluation (summary, records, images)."""
     print(f"RL fine-tuning: {params.rl.objective} + {params.rl.weighting} ELBO + {params.rl.steps}-step "
           f"{params.rl.sampler}, {params.rl.epochs} epochs -> {run_dir}")
     policy = Policy(model, params.policy)
+    latest = []
 
     def held_out(p: Policy) -> dict:
-        summary, _, _ = evaluate(p.backbone, test, params.evaluate, progress=False)
-        return summary
+        latest[:] = evaluate(p.backbone, test, params.evaluate, progress=False)
+        return latest[0]
 
     train(policy, train_set, shapes_geneval_reward(), params.rl, run_dir, held_out, params.eval_every,
-          max_train_seconds=max_train_seconds)
-    return policy
+          max_train_seconds=max_train_seconds, initial_eval=base_summary)
+    if not latest:  # a finished run was resumed: nothing trained, nothing evaluated in this process
+        with policy.ema_weights(), torch.no_grad():
+            latest[:] = evaluate(policy.backbone, test, params.evaluate, progress=False)
+    return policy, tuple(latest)
 
 
 def main(argv=None) -> None:
@@ -77,9 +84,8 @@ def main(argv=None) -> None:
 
     if not args.skip_rl:
         run_dir = root / "runs" / run_key(base_path, params)
-        policy = fine_tune(model, train_set, test, params, run_dir)
-        with policy.ema_weights(), torch.no_grad():
-            tuned_summary, records, images = evaluate(policy.backbone, test, params.evaluate)
+        _, (tuned_summary, records, images) = fine_tune(model, train_set, test, params, run_dir,
+                                                        base_summary=base_summary)
         written["fine-tuned"] = write_evaluation(run_dir / "eval", tuned_summary, records, images)
         summaries["fine-tuned"] = tuned_summary
         curves = plot_run(run_dir, run_dir / "curves.png")

@@ -187,11 +187,13 @@ def _rows_before(path: Path, epoch: int) -> None:
 
 def train(policy: Policy, train_metas: list[dict], reward_fn, config: RLConfig, run_dir: str | Path,
           evaluate_fn=None, eval_every: int = 0, progress: bool = True, stop_after_epoch: int | None = None,
-          max_train_seconds: float | None = None) -> Path:
+          max_train_seconds: float | None = None, initial_eval: dict | None = None) -> Path:
     """Runs (or resumes) epochs until `config.epochs`; returns the metrics file.
 
     reward_fn(images uint8 N x H x W x 3, metas) -> rewards (N,); evaluate_fn(policy) -> dict, run with the EMA
-    weights every `eval_every` epochs and logged to eval.jsonl with the training seconds spent so far.
+    weights before training, every `eval_every` epochs (0 = never in between) and after the last epoch, and
+    logged to eval.jsonl with the training seconds spent so far. `initial_eval` stands in for the evaluation
+    before training when the caller already has it (the EMA policy then is the base model).
     """
     config.validate()
     run_dir = Path(run_dir)
@@ -203,8 +205,9 @@ def train(policy: Policy, train_metas: list[dict], reward_fn, config: RLConfig, 
     start, train_seconds = (state["epoch"], state["train_seconds"]) if state else (0, 0.0)
     _rows_before(metrics_path, start)
     _rows_before(eval_path, start + 1 if state else 0)
-    if state is None and evaluate_fn and eval_every:
-        _log_eval(eval_path, evaluate_fn, policy, 0, 0.0)
+    if state is None and evaluate_fn:
+        _log_eval(eval_path, evaluate_fn, policy, 0, 0.0, initial_eval)
+    done, evaluated = start, False
     bar = tqdm(range(start, config.epochs), initial=start, total=config.epochs, desc="RL epochs", disable=not progress)
     for epoch in bar:
         t0 = time.perf_counter()
@@ -220,17 +223,21 @@ def train(policy: Policy, train_metas: list[dict], reward_fn, config: RLConfig, 
         _append_jsonl(metrics_path, row)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", delta=f"{row['delta_mean']:.1e}")
         done = epoch + 1
-        if evaluate_fn and eval_every and done % eval_every == 0:
+        evaluated = bool(evaluate_fn and eval_every and done % eval_every == 0)
+        if evaluated:
             _log_eval(eval_path, evaluate_fn, policy, done, train_seconds)
         out_of_time = max_train_seconds is not None and train_seconds >= max_train_seconds
         if done % config.checkpoint_every == 0 or done == config.epochs or out_of_time:
             save_checkpoint(run_dir / "checkpoints", policy, optimizer, done, {"train_seconds": train_seconds})
         if out_of_time or (stop_after_epoch is not None and done >= stop_after_epoch):
             break
+    if evaluate_fn and done > start and not evaluated:
+        _log_eval(eval_path, evaluate_fn, policy, done, train_seconds)  # eval.jsonl ends with the final policy
     return metrics_path
 
 
-def _log_eval(path: Path, evaluate_fn, policy: Policy, epoch: int, train_seconds: float) -> None:
-    with policy.ema_weights(), torch.no_grad():
-        result = evaluate_fn(policy)
+def _log_eval(path: Path, evaluate_fn, policy: Policy, epoch: int, train_seconds: float, result=None) -> None:
+    if result is None:
+        with policy.ema_weights(), torch.no_grad():
+            result = evaluate_fn(policy)
     _append_jsonl(path, {"epoch": epoch, "train_seconds": train_seconds, **result})

@@ -1,7 +1,10 @@
+import os
+
 import pytest
 import torch
 
 from elborl.models.shapes_model import ShapesFlowModel, ShapesModelConfig
+from s3server import S3ServerUnavailable, run_s3_server
 
 TINY = ShapesModelConfig(channels=(32, 32), text_width=32, text_layers=1)
 
@@ -14,3 +17,25 @@ def _threads():
 @pytest.fixture
 def tiny_model() -> ShapesFlowModel:
     return ShapesFlowModel.from_config(TINY, seed=0).eval()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server for the whole session (see tests/s3server.py); ELBORL_S3_SERVER=moto picks the emulator."""
+    try:
+        with run_s3_server(tmp_path_factory.mktemp("s3server"), os.environ.get("ELBORL_S3_SERVER", "auto")) as server:
+            yield server
+    except S3ServerUnavailable as reason:
+        pytest.skip(str(reason))
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch, tmp_path):
+    """Points the standard AWS environment at `s3_server`, shielded from the machine's own AWS config."""
+    for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    return s3_server

@@ -20,6 +20,14 @@ def test_tokenizer_ids_are_a_function_of_the_vocabulary():
     assert a.unk_token_id not in ids and ids[0] == a.bos_token_id and ids[-1] == a.eos_token_id
 
 
+def test_pooled_prompt_embedding_is_the_end_token_state(tiny_model):
+    with torch.no_grad():
+        cond = tiny_model.encode_prompts(PROMPTS)
+    ends = cond.mask.sum(1) - 1  # prompts are left-aligned, the end token is the last real one
+    assert torch.equal(cond.pooled, cond.hidden[torch.arange(len(PROMPTS)), ends])
+    assert not torch.equal(cond.pooled[0], cond.pooled[1])
+
+
 def test_save_load_round_trip_gives_identical_velocities(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path)
     loaded = ShapesFlowModel.from_pretrained(tmp_path).eval()

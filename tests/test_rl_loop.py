@@ -85,3 +85,16 @@ def test_epoch_prompts_are_balanced_over_tasks():
     picks = [m["tag"] for e in range(50) for m in choose_prompts(skewed, small_config(prompts_per_epoch=4), e)]
     assert 0.35 < picks.count("counting") / len(picks) < 0.65  # uniform over prompts would give ~0.01
     assert choose_prompts(skewed, small_config(), 3) == choose_prompts(skewed, small_config(), 3)
+
+
+def test_held_out_evaluations_start_before_training_and_end_with_the_final_policy(tmp_path):
+    calls = []
+
+    def count_evaluations(policy):
+        calls.append(1)
+        return {"overall": float(len(calls))}
+
+    config = small_config(epochs=3, checkpoint_every=100)
+    train(tiny_policy(), METAS, brightness, config, tmp_path, count_evaluations, eval_every=2, progress=False,
+          initial_eval={"overall": 0.0})
+    assert [(r["epoch"], r["overall"]) for r in rows(tmp_path / "eval.jsonl")] == [(0, 0.0), (2, 1.0), (3, 2.0)]

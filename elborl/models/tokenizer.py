@@ -28,7 +28,9 @@ def vocabulary_words(vocab: Vocabulary) -> list[str]:
 
 
 def build_tokenizer(vocab: Vocabulary, max_length: int = 16) -> PreTrainedTokenizerFast:
-    words = [PAD, BOS, EOS, UNK, *vocabulary_words(vocab)]
+    # EOS must not get id 2: transformers' CLIP treats eos_token_id == 2 as a legacy config and pools the
+    # highest token id instead of the end token.
+    words = [PAD, BOS, UNK, EOS, *vocabulary_words(vocab)]
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=UNK))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     core.post_processor = processors.TemplateProcessing(
