@@ -32,6 +32,27 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def write_state(directory: str | Path, policy: Policy, optimizer, extra: dict | None = None) -> None:
+    """Policy weights, optimizer and RNG state into an existing directory (safetensors + state.json)."""
+    directory = Path(directory)
+    save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, directory / "policy.safetensors")
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    save_file(opt_tensors, directory / "optimizer.safetensors")
+    save_file({"torch_rng": torch.get_rng_state()}, directory / "rng.safetensors")
+    (directory / "state.json").write_text(json.dumps({"optimizer": opt_meta, **(extra or {})}))
+
+
+def read_state(directory: str | Path, policy: Policy, optimizer=None) -> dict:
+    """Restores what `write_state` wrote (the optimizer only when given); returns state.json's contents."""
+    directory = Path(directory)
+    policy.load_state_dict(load_file(directory / "policy.safetensors"))
+    state = json.loads((directory / "state.json").read_text())
+    if optimizer is not None:
+        _load_optimizer(optimizer, load_file(directory / "optimizer.safetensors"), state["optimizer"])
+    torch.set_rng_state(load_file(directory / "rng.safetensors")["torch_rng"])
+    return state
+
+
 def save_checkpoint(directory: str | Path, policy: Policy, optimizer, epoch: int, extra: dict | None = None) -> Path:
     """Writes `directory/epoch-XXXXX` and points `directory/latest.json` at it."""
     directory = Path(directory)
@@ -39,11 +60,7 @@ def save_checkpoint(directory: str | Path, policy: Policy, optimizer, epoch: int
     staging = directory / f".epoch-{epoch:05d}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in policy.state_dict().items()}, staging / "policy.safetensors")
-    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-    save_file(opt_tensors, staging / "optimizer.safetensors")
-    save_file({"torch_rng": torch.get_rng_state()}, staging / "rng.safetensors")
-    (staging / "state.json").write_text(json.dumps({"epoch": epoch, "optimizer": opt_meta, **(extra or {})}))
+    write_state(staging, policy, optimizer, {"epoch": epoch, **(extra or {})})
     shutil.rmtree(final, ignore_errors=True)
     staging.rename(final)
     tmp = directory / f".latest.json.{os.getpid()}"
@@ -57,9 +74,4 @@ def load_latest_checkpoint(directory: str | Path, policy: Policy, optimizer) -> 
     pointer = Path(directory) / "latest.json"
     if not pointer.exists():
         return None
-    path = Path(directory) / json.loads(pointer.read_text())["checkpoint"]
-    policy.load_state_dict(load_file(path / "policy.safetensors"))
-    state = json.loads((path / "state.json").read_text())
-    _load_optimizer(optimizer, load_file(path / "optimizer.safetensors"), state["optimizer"])
-    torch.set_rng_state(load_file(path / "rng.safetensors")["torch_rng"])
-    return state
+    return read_state(Path(directory) / json.loads(pointer.read_text())["checkpoint"], policy, optimizer)

@@ -27,6 +27,7 @@ class PolicyConfig:
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_targets: tuple[str, ...] = UNET_LORA_TARGETS
+    seed: int = 0  # the LoRA initialisation: a stage in another process must rebuild the same initial policy
 
 
 class Policy:
@@ -41,8 +42,10 @@ class Policy:
         if config.finetune == "lora":
             lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, init_lora_weights="gaussian",
                               target_modules=list(config.lora_targets))
-            self.net.add_adapter(lora, adapter_name=CURRENT)
-            self.net.add_adapter(copy.deepcopy(lora), adapter_name=OLD)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(config.seed)
+                self.net.add_adapter(lora, adapter_name=CURRENT)
+                self.net.add_adapter(copy.deepcopy(lora), adapter_name=OLD)
             self._copies = {}
         else:
             self._copies = {OLD: copy.deepcopy(self.net), REFERENCE: copy.deepcopy(self.net)}

@@ -57,7 +57,7 @@ def check_safe_format(name: str) -> None:
     suffix = PurePosixPath(name).suffix.lower()
     if suffix not in SAFE_SUFFIXES:
         allowed = " ".join(sorted(SAFE_SUFFIXES))
-        raise ValueError(f"{name}: {suffix or 'no suffix'} is not a safe format for the artifact store (allowed: {allowed})")
+        raise ValueError(f"{name}: {suffix or 'no suffix'} is not a safe format for the artifact store ({allowed})")
 
 
 def _check_relative(path: str, uri: str) -> None:
@@ -293,7 +293,7 @@ class ArtifactStore:
         return _S3Prefix(self.s3, self.transfer, bucket, parent), name
 
     def put_artifact(self, source: str | os.PathLike, uri: str | os.PathLike, meta: dict | None = None) -> dict:
-        """Publishes a local directory (or one file) at `uri`; returns the manifest. Published artifacts are immutable."""
+        """Publishes a local directory (or one file) at `uri`; returns the manifest. Artifacts are immutable."""
         files = _collect(Path(source))
         manifest = _build_manifest(files, meta)
         body = _encode(manifest)

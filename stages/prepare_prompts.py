@@ -1,17 +1,21 @@
-"""Stage: write the shapes world's fixed test prompts and its training prompts as GenEval JSONL."""
+"""Stage: the shapes world's fixed test prompts and its training prompts as GenEval JSONL, one artifact."""
 
-from pathlib import Path
-
-from elborl.embedded import prepare_prompts
-from stages._common import run_stage, stage_parser
+from elborl.geneval.prompts import shapes_test_set, shapes_train_set, write_jsonl
+from stages._common import publish, run_stage, stage_parser
 
 
 def main(args, params) -> None:
-    test, train = prepare_prompts(params, Path(args.out))
-    print(f"wrote {len(test)} test and {len(train)} train prompts to {args.out}")
+    def write(directory):
+        test = shapes_test_set()
+        train = shapes_train_set(params.prompts.train_per_task, params.prompts.train_seed)
+        write_jsonl(directory / "test.jsonl", test)
+        write_jsonl(directory / "train.jsonl", train)
+        print(f"{len(test)} test and {len(train)} train prompts")
+
+    publish(args.out, write, {"stage": "prepare_prompts"})
 
 
 if __name__ == "__main__":
     parser = stage_parser(__doc__)
-    parser.add_argument("--out", required=True, help="directory for test.jsonl and train.jsonl")
+    parser.add_argument("--out", required=True, help="artifact URI (local path or s3://) for test.jsonl and train.jsonl")
     run_stage(main, parser)

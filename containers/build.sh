@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Builds the ELBO-RL images: the shared base first, then one image per pipeline stage, tagged
+# elborl-<stage>:<version> (version from pyproject.toml unless VERSION is set).
+#   containers/build.sh                 # base + every stage
+#   containers/build.sh score update    # base + the named stages
+# Environment: ENGINE=docker|podman (default: docker when its daemon answers, else podman),
+#   VERSION=..., BUILD_ARGS="..." (extra arguments for every build, e.g. "--build-arg MAX_JOBS=8").
+# Needs network access (CUDA base images, PyPI, the PyTorch index); not run by the tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+STAGES=(prepare_prompts pretrain rollout score update evaluate)
+
+if [ -z "${ENGINE:-}" ]; then
+    if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then
+        ENGINE=docker
+    elif command -v podman >/dev/null 2>&1; then
+        ENGINE=podman
+    else
+        echo "build.sh: no container engine: need docker (with a running daemon) or podman" >&2
+        exit 1
+    fi
+fi
+
+VERSION=${VERSION:-$(sed -n 's/^version = "\(.*\)"$/\1/p' pyproject.toml | head -n 1)}
+[ -n "$VERSION" ] || { echo "build.sh: no version in pyproject.toml" >&2; exit 1; }
+
+# podman/buildah default to the OCI image format; the docker format keeps every Dockerfile field
+# (e.g. SHELL, HEALTHCHECK) and is what registries and Kubernetes nodes expect anyway.
+engine_args=()
+[ "$ENGINE" = podman ] && engine_args+=(--format docker)
+read -r -a extra_args <<< "${BUILD_ARGS:-}"
+
+if [ $# -gt 0 ]; then
+    for stage in "$@"; do
+        [ -f "containers/${stage}.Dockerfile" ] || { echo "build.sh: unknown stage '$stage' (stages: ${STAGES[*]})" >&2; exit 1; }
+    done
+    STAGES=("$@")
+fi
+
+build() {  # build <dockerfile> <tag> [args...]
+    local file=$1 tag=$2
+    shift 2
+    echo "==> $ENGINE build -f $file -t $tag" >&2
+    "$ENGINE" build "${engine_args[@]}" "${extra_args[@]}" "$@" -f "$file" -t "$tag" .
+}
+
+BASE_IMAGE="elborl-base:${VERSION}"
+build containers/base.Dockerfile "$BASE_IMAGE"
+for stage in "${STAGES[@]}"; do
+    build "containers/${stage}.Dockerfile" "elborl-${stage}:${VERSION}" --build-arg "BASE_IMAGE=${BASE_IMAGE}"
+done
+echo "built: $BASE_IMAGE $(printf "elborl-%s:${VERSION} " "${STAGES[@]}")" >&2

@@ -1,0 +1,225 @@
+"""Training as rounds of stages: rollout -> score -> update, each publishing one artifact (METHOD.md §2-§4).
+
+RL is a loop; DVC and container schedulers run DAGs. A run is therefore a sequence of rounds r = 0, 1, ...
+Round r samples from the policy that round r-1's update left, and publishes under the run's prefix
+
+    <run>/run.json                    the settings the run was started with (later stages must match)
+    <run>/round-00003/rollout/        images/*.png, samples.safetensors (x0), samples.jsonl (prompt, group,
+                                      seed and sampler settings: enough to regenerate every sample)
+    <run>/round-00003/score/          rewards.json (one reward per sample, per-task means)
+    <run>/round-00003/update/         policy/optimizer/rng safetensors, state.json, metrics.json
+
+through `elborl.store` (manifest last), so a run resumes at the first round without a published update,
+and a stage whose artifact is already published is skipped. Each stage calls the same functions as the
+one-process loop (`elborl.rl`), with the same per-round random streams, so N rounds here give exactly the
+weights and metrics of N epochs of `rl.train`.
+"""
+
+from dataclasses import asdict
+from pathlib import Path
+import hashlib
+import json
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from elborl.checkpoint import read_state, write_state
+from elborl.geneval.prompts import read_jsonl
+from elborl.models import load_backbone
+from elborl.policy import Policy
+from elborl.rl import Rollout, choose_prompts, make_optimizer, reward_summary, rollout, update
+from elborl.store import ArtifactStore
+
+STAGES = ("rollout", "score", "update")
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([str(uri).rstrip("/"), *parts])
+
+
+def round_uri(run: str, round_index: int, stage: str) -> str:
+    return join(run, f"round-{round_index:05d}", stage)
+
+
+class RunContext:
+    """Where a run lives and what it needs: settings, the base model, training prompts, a local cache.
+
+    Artifacts at local paths are read in place; `s3://` artifacts are fetched once into `cache` (verified
+    against their manifests) and reused by later stages of the same process or machine.
+    """
+
+    def __init__(self, run: str, params, base_model: str | None = None, prompts: str | None = None,
+                 store: ArtifactStore | None = None, cache: str | Path | None = None, log=print):
+        self.run, self.params, self.base_model, self.prompts = str(run), params, base_model, prompts
+        self.store = store or ArtifactStore()
+        self.cache = Path(cache or Path(tempfile.gettempdir()) / "elborl-cache")
+        self.log = log
+        self._policy, self._initial_state = None, None
+
+    # --- artifacts ---------------------------------------------------------------------------------
+    def local(self, uri: str) -> Path:
+        """A published artifact as a local directory."""
+        if not uri.startswith("s3://"):
+            self.store.read_manifest(uri)  # raises a clear error when nothing is published there
+            return Path(uri.removeprefix("file://"))
+        digest = hashlib.sha256(json.dumps(self.store.read_manifest(uri), sort_keys=True).encode()).hexdigest()
+        target = self.cache / digest[:20]
+        if not target.exists():
+            self.cache.mkdir(parents=True, exist_ok=True)
+            self.store.get_artifact(uri, target)
+        return target
+
+    def publish(self, directory: Path, uri: str, meta: dict) -> None:
+        self.store.put_artifact(directory, uri, meta)
+
+    def check_settings(self) -> None:
+        """The run's settings are fixed at its first stage; a stage under other settings would mix runs."""
+        settings = json.loads(json.dumps({"policy": asdict(self.params.policy), "rl": asdict(self.params.rl)}))
+        uri = join(self.run, "run.json")
+        try:
+            recorded = self.store.read_json(uri)
+        except FileNotFoundError:
+            self.store.write_json(uri, settings)
+            return
+        if recorded != settings:
+            changed = sorted(f"{group}.{key}" for group in settings for key in settings[group]
+                             if recorded.get(group, {}).get(key) != settings[group][key])
+            raise ValueError(f"run {self.run} was started with other settings (changed: {', '.join(changed)}); "
+                             "start a new run prefix for new settings")
+
+    # --- the policy --------------------------------------------------------------------------------
+    def policy_after(self, round_index: int) -> tuple[Policy, torch.optim.Optimizer]:
+        """The policy and optimizer as round `round_index`'s update left them (-1: the initial policy).
+
+        One policy is built per process (adapters attach to the backbone once) and its state is reloaded.
+        """
+        if self._policy is None:
+            if self.base_model is None:
+                raise ValueError("this stage needs the base model (--base-model)")
+            self._policy = Policy(load_backbone(self.local(self.base_model)), self.params.policy)
+            self._initial_state = self._policy.state_dict()
+        optimizer = make_optimizer(self._policy, self.params.rl)
+        if round_index >= 0:
+            read_state(self.local(round_uri(self.run, round_index, "update")), self._policy, optimizer)
+        else:
+            self._policy.load_state_dict(self._initial_state)
+        return self._policy, optimizer
+
+    def completed_rounds(self) -> int:
+        """The number of rounds with a published update: where the run resumes."""
+        done = 0
+        while self.store.exists(round_uri(self.run, done, "update")):
+            done += 1
+        return done
+
+
+def _skip(ctx: RunContext, uri: str) -> bool:
+    if ctx.store.exists(uri):
+        ctx.log(f"{uri}: already published, skipped")
+        return True
+    return False
+
+
+# --- the three stages ----------------------------------------------------------------------------------
+def rollout_stage(ctx: RunContext, round_index: int) -> str:
+    """G images per prompt from θ_old of the previous round, with everything needed to regenerate them."""
+    out = round_uri(ctx.run, round_index, "rollout")
+    if _skip(ctx, out):
+        return out
+    ctx.check_settings()
+    if ctx.prompts is None:
+        raise ValueError("the rollout stage needs the training prompts (--prompts)")
+    start = time.perf_counter()
+    policy, _ = ctx.policy_after(round_index - 1)
+    train_metas = read_jsonl(ctx.local(ctx.prompts) / "train.jsonl")
+    ro = rollout(policy, choose_prompts(train_metas, ctx.params.rl, round_index), ctx.params.rl, round_index)
+    images = policy.backbone.to_images(ro.x0)
+    seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        save_file({"x0": ro.x0.contiguous()}, tmp / "samples.safetensors")
+        with open(tmp / "samples.jsonl", "w") as f:
+            for meta, record in zip(ro.metas, ro.records()):
+                f.write(json.dumps({**meta, **record}) + "\n")
+        (tmp / "images").mkdir()
+        for i, image in enumerate(images):
+            Image.fromarray(image).save(tmp / "images" / f"{i:05d}.png")
+        ctx.publish(tmp, out, {"round": round_index, "stage": "rollout", "seconds": seconds})
+    return out
+
+
+def _read_rollout(directory: Path) -> tuple[Rollout, list[dict]]:
+    rows = [json.loads(line) for line in (directory / "samples.jsonl").read_text().splitlines() if line]
+    sampler = {k: rows[0][k] for k in ("sampler", "steps", "shift", "guidance")} if rows else {}
+    x0 = load_file(directory / "samples.safetensors")["x0"]
+    return Rollout(rows, [r["group"] for r in rows], [r["seed"] for r in rows], x0, sampler), rows
+
+
+def read_images(directory: Path, n: int) -> np.ndarray:
+    return np.stack([np.asarray(Image.open(directory / "images" / f"{i:05d}.png").convert("RGB")) for i in range(n)])
+
+
+def score_stage(ctx: RunContext, round_index: int, reward_fn) -> str:
+    """Rewards for the round's images; needs only the rollout artifact (not the diffusion model)."""
+    out = round_uri(ctx.run, round_index, "score")
+    if _skip(ctx, out):
+        return out
+    rollout_dir = ctx.local(round_uri(ctx.run, round_index, "rollout"))
+    ro, rows = _read_rollout(rollout_dir)
+    start = time.perf_counter()
+    rewards = torch.as_tensor(reward_fn(read_images(rollout_dir, len(rows)), ro.metas), dtype=torch.float32)
+    seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "rewards.json").write_text(json.dumps(
+            {"rewards": rewards.tolist(), **reward_summary(rewards, ro.metas)}))
+        ctx.publish(Path(tmp), out, {"round": round_index, "stage": "score", "seconds": seconds})
+    return out
+
+
+def update_stage(ctx: RunContext, round_index: int) -> str:
+    """One epoch of policy updates on the round's samples and rewards; publishes the new policy state."""
+    out = round_uri(ctx.run, round_index, "update")
+    if _skip(ctx, out):
+        return out
+    ctx.check_settings()
+    ro, _ = _read_rollout(ctx.local(round_uri(ctx.run, round_index, "rollout")))
+    scores = json.loads((ctx.local(round_uri(ctx.run, round_index, "score")) / "rewards.json").read_text())
+    rewards = torch.tensor(scores["rewards"], dtype=torch.float32)
+    policy, optimizer = ctx.policy_after(round_index - 1)
+    start = time.perf_counter()
+    metrics = {"epoch": round_index, **reward_summary(rewards, ro.metas),
+               **update(policy, optimizer, ro, rewards, ctx.params.rl, round_index)}
+    seconds = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        write_state(tmp, policy, optimizer, {"epoch": round_index + 1})
+        metrics["seconds_update"] = seconds
+        (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
+        # the metrics ride in the manifest too, so curves need no download of policy states
+        ctx.publish(Path(tmp), out, {"round": round_index, "stage": "update", "seconds": seconds, "metrics": metrics})
+    return out
+
+
+# --- a whole run in one process --------------------------------------------------------------------------
+def run_rounds(ctx: RunContext, reward_fn, rounds: int | None = None, progress: bool = True) -> int:
+    """Rounds from the first incomplete one up to `rounds` (default: rl.epochs); returns rounds completed."""
+    from tqdm.auto import tqdm
+
+    total = rounds if rounds is not None else ctx.params.rl.epochs
+    start = ctx.completed_rounds()
+    if start:
+        ctx.log(f"{ctx.run}: {start} round(s) already published, resuming at round {start}")
+    for r in tqdm(range(start, total), initial=start, total=total, desc="rounds", disable=not progress):
+        rollout_stage(ctx, r)
+        score_stage(ctx, r, reward_fn)
+        update_stage(ctx, r)
+    return max(start, total)
+
+
+def round_metrics(ctx: RunContext) -> list[dict]:
+    """Every completed round's training metrics (reward, δ, KL, grad norm, seconds), in round order."""
+    return [ctx.store.read_manifest(round_uri(ctx.run, r, "update"))["meta"]["metrics"]
+            for r in range(ctx.completed_rounds())]

@@ -1,0 +1,21 @@
+"""Stage: round R's rollout — G images per training prompt from the policy round R-1 left (ODE sampler).
+
+Publishes <run>/round-R/rollout: images, final samples, and each sample's prompt, seed and sampler."""
+
+from elborl.rounds import RunContext, rollout_stage
+from stages._common import run_stage, stage_parser
+
+
+def main(args, params) -> None:
+    ctx = RunContext(args.run, params, args.base_model, args.prompts, cache=args.cache)
+    rollout_stage(ctx, args.round)
+
+
+if __name__ == "__main__":
+    parser = stage_parser(__doc__)
+    parser.add_argument("--run", required=True, help="the run's prefix (local path or s3://)")
+    parser.add_argument("--round", type=int, required=True)
+    parser.add_argument("--base-model", required=True, help="artifact URI of the base model")
+    parser.add_argument("--prompts", required=True, help="artifact URI holding train.jsonl")
+    parser.add_argument("--cache", default=None, help="local cache for s3:// artifacts")
+    run_stage(main, parser)

@@ -1,0 +1,31 @@
+"""Stage: a whole RL run in one process — rounds of rollout, score and update until rl.epochs.
+
+Resumes at the first round without a published update; writes the per-round metrics to --metrics (JSONL)."""
+
+import json
+from pathlib import Path
+
+from elborl.rewards import REWARDS, make_reward
+from elborl.rounds import RunContext, round_metrics, run_rounds
+from stages._common import run_stage, stage_parser
+
+
+def main(args, params) -> None:
+    ctx = RunContext(args.run, params, args.base_model, args.prompts, cache=args.cache)
+    done = run_rounds(ctx, make_reward(args.reward), args.rounds)
+    print(f"{ctx.run}: {done} rounds published")
+    if args.metrics:
+        Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.metrics).write_text("".join(json.dumps(row) + "\n" for row in round_metrics(ctx)))
+
+
+if __name__ == "__main__":
+    parser = stage_parser(__doc__)
+    parser.add_argument("--run", required=True, help="the run's prefix (local path or s3://)")
+    parser.add_argument("--base-model", required=True, help="artifact URI of the base model")
+    parser.add_argument("--prompts", required=True, help="artifact URI holding train.jsonl")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds to reach (default: rl.epochs)")
+    parser.add_argument("--reward", default="shapes_geneval", choices=sorted(REWARDS))
+    parser.add_argument("--metrics", default=None, help="local JSONL file for the per-round metrics")
+    parser.add_argument("--cache", default=None, help="local cache for s3:// artifacts")
+    run_stage(main, parser)

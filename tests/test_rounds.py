@@ -1,0 +1,95 @@
+import json
+
+import pytest
+import torch
+
+from elborl.config import Params
+from elborl.geneval.prompts import write_jsonl
+from elborl.models.shapes_model import ShapesFlowModel
+from elborl.policy import Policy, PolicyConfig
+from elborl.rl import train
+from elborl.rounds import RunContext, round_metrics, round_uri, rollout_stage, run_rounds, score_stage, update_stage
+from elborl.store import ArtifactStore
+
+from conftest import TINY
+from test_rl_loop import METAS, brightness, rows, small_config, without_seconds
+
+POLICY = PolicyConfig(lora_rank=4, lora_alpha=8)
+
+
+def published_inputs(tmp_path, root: str) -> tuple[str, str]:
+    """The tiny base model and the training prompts, published as artifacts under `root`."""
+    ShapesFlowModel.from_config(TINY, seed=0).save_pretrained(tmp_path / "base")
+    (tmp_path / "prompts").mkdir()
+    write_jsonl(tmp_path / "prompts" / "train.jsonl", [{**m, "include": []} for m in METAS])
+    store = ArtifactStore()
+    store.put_artifact(tmp_path / "base", f"{root}/base")
+    store.put_artifact(tmp_path / "prompts", f"{root}/prompts")
+    return f"{root}/base", f"{root}/prompts"
+
+
+def context(tmp_path, root: str, epochs: int = 2, log=print) -> RunContext:
+    base, prompts = published_inputs(tmp_path, root) if not (tmp_path / "base").exists() else (f"{root}/base", f"{root}/prompts")
+    params = Params(policy=POLICY, rl=small_config(epochs=epochs, checkpoint_every=100))
+    return RunContext(f"{root}/run", params, base, prompts, cache=tmp_path / "cache", log=log)
+
+
+def assert_same_as_one_process_loop(ctx: RunContext, tmp_path, epochs: int):
+    straight = Policy(ShapesFlowModel.from_pretrained(tmp_path / "base"), POLICY)
+    train(straight, METAS, brightness, small_config(epochs=epochs, checkpoint_every=100), tmp_path / "straight",
+          progress=False)
+    staged, _ = ctx.policy_after(epochs - 1)
+    expected, got = straight.state_dict(), staged.state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert without_seconds(rows(tmp_path / "straight" / "metrics.jsonl")) == without_seconds(round_metrics(ctx))
+
+
+def test_rounds_of_stages_give_exactly_the_one_process_loop(tmp_path):
+    ctx = context(tmp_path, str(tmp_path / "store"))
+    assert run_rounds(ctx, brightness, progress=False) == 2
+    assert_same_as_one_process_loop(ctx, tmp_path, epochs=2)
+    samples = [json.loads(line) for line in open(tmp_path / "store/run/round-00001/rollout/samples.jsonl")]
+    assert {"prompt", "seed", "group", "sampler", "steps", "shift", "guidance"} <= samples[0].keys()
+
+
+def test_a_killed_run_resumes_at_the_first_incomplete_round(tmp_path):
+    messages = []
+    ctx = context(tmp_path, str(tmp_path / "store"), epochs=3, log=messages.append)
+    run_rounds(ctx, brightness, rounds=1, progress=False)
+    rollout_stage(ctx, 1)  # killed after round 1's rollout and score, before its update
+    score_stage(ctx, 1, brightness)
+    assert ctx.completed_rounds() == 1
+
+    scored = []
+
+    def counted_brightness(images, metas):
+        scored.append(len(images))
+        return brightness(images, metas)
+
+    run_rounds(ctx, counted_brightness, progress=False)  # resumes at round 1, reusing its rollout and score
+    assert len(scored) == 1  # only round 2 was scored
+    assert any("round-00001/score: already published" in m for m in messages)
+    assert_same_as_one_process_loop(ctx, tmp_path, epochs=3)
+
+
+def test_a_stage_under_other_settings_refuses_the_run(tmp_path):
+    ctx = context(tmp_path, str(tmp_path / "store"))
+    rollout_stage(ctx, 0)
+    other = RunContext(ctx.run, Params(policy=POLICY, rl=small_config(epochs=2, checkpoint_every=100, lr=5e-3)),
+                       ctx.base_model, ctx.prompts)
+    with pytest.raises(ValueError, match="changed: rl.lr"):
+        update_stage(other, 0)
+
+
+def test_a_stage_without_its_input_says_what_is_missing(tmp_path):
+    ctx = context(tmp_path, str(tmp_path / "store"))
+    with pytest.raises(FileNotFoundError, match="round-00000/rollout"):
+        score_stage(ctx, 0, brightness)
+
+
+def test_rounds_run_against_a_real_s3_server(tmp_path, s3_env):
+    s3_env.create_bucket("runs")
+    ctx = context(tmp_path, "s3://runs/tiny")
+    run_rounds(ctx, brightness, rounds=2, progress=False)
+    assert ctx.store.exists(round_uri(ctx.run, 1, "update"))
+    assert_same_as_one_process_loop(ctx, tmp_path, epochs=2)
