@@ -69,6 +69,9 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /app
 # Stage CLIs read ./params.yaml by default (--params overrides it, e.g. with a mounted file).
 COPY --chown=1000:1000 params.yaml /app/params.yaml
+# The Prefect flows and deployments (flows/, prefect.yaml): docker/kubernetes work pools run them from /app.
+COPY --chown=1000:1000 prefect.yaml /app/prefect.yaml
+COPY --chown=1000:1000 flows/ /app/flows/
 
 USER 1000:1000
 CMD ["python", "-c", "import elborl, torch; print('elborl base image, torch', torch.__version__)"]

@@ -9,7 +9,7 @@ import yaml
 from elborl.evaluate import EvalConfig
 from elborl.models.shapes_model import ShapesModelConfig
 from elborl.policy import FINETUNE_MODES, PolicyConfig
-from elborl.pretrain import PretrainConfig
+from elborl.pretrain import LR_SCHEDULES, PretrainConfig
 from elborl.rl import RLConfig
 from elborl.sampling import ODE_SAMPLERS
 
@@ -76,6 +76,8 @@ def _check(params: Params) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ParamsError(f"{key} must be > 0, got {value}")
+    if params.pretrain.lr_schedule not in LR_SCHEDULES:
+        raise ParamsError(f"pretrain.lr_schedule: unknown schedule {params.pretrain.lr_schedule!r}; expected one of {LR_SCHEDULES}")
     if params.evaluate.sampler not in ODE_SAMPLERS:
         raise ParamsError(f"evaluate.sampler: unknown sampler {params.evaluate.sampler!r}; expected one of {ODE_SAMPLERS}")
     try:

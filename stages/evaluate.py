@@ -1,6 +1,7 @@
 """Stage: sample held-out prompts (4 images each), score them with shapes-GenEval, publish the scores.
 
-The model is the base model, or with --policy-state a round's update artifact evaluated with its EMA weights.
+The model is the base model, or with --policy-state a round's update artifact evaluated with its EMA weights,
+or with --run the update of the run's last completed round (the final policy; what DVC's pipeline evaluates).
 Publishes scores.json (per task and overall), images.jsonl (per image) and grid.png at --out."""
 
 from elborl.checkpoint import read_state
@@ -8,16 +9,28 @@ from elborl.evaluate import evaluate, format_table, write_evaluation
 from elborl.geneval.prompts import read_jsonl
 from elborl.models import load_backbone
 from elborl.policy import Policy
+from elborl.rounds import RunContext, round_uri
 from stages._common import fetch, publish, run_stage, stage_parser
 
 
+def final_policy_state(run: str, params, cache: str | None = None) -> str:
+    """The update artifact of the run's last completed round."""
+    done = RunContext(run, params, cache=cache).completed_rounds()
+    if not done:
+        raise ValueError(f"{run}: no completed round to evaluate")
+    return round_uri(run, done - 1, "update")
+
+
 def main(args, params) -> None:
+    policy_state = final_policy_state(args.run, params, args.cache) if args.run else args.policy_state
+
     def write(directory):
         model = load_backbone(fetch(args.model, args.cache))
         metas = read_jsonl(fetch(args.prompts, args.cache) / args.prompt_file)
-        if args.policy_state:
+        if policy_state:
+            print(f"policy: EMA weights of {policy_state}")
             policy = Policy(model, params.policy)
-            read_state(fetch(args.policy_state, args.cache), policy)
+            read_state(fetch(policy_state, args.cache), policy)
             with policy.ema_weights():
                 summary, records, images = evaluate(model, metas, params.evaluate)
         else:
@@ -25,13 +38,15 @@ def main(args, params) -> None:
         write_evaluation(directory, summary, records, images)
         print(format_table({args.name: summary}))
 
-    publish(args.out, write, {"stage": "evaluate", "model": args.model, "policy_state": args.policy_state})
+    publish(args.out, write, {"stage": "evaluate", "model": args.model, "policy_state": policy_state})
 
 
 if __name__ == "__main__":
     parser = stage_parser(__doc__)
     parser.add_argument("--model", required=True, help="artifact URI of the base model")
-    parser.add_argument("--policy-state", default=None, help="artifact URI of a round's update (EMA weights used)")
+    policy = parser.add_mutually_exclusive_group()
+    policy.add_argument("--policy-state", default=None, help="artifact URI of a round's update (EMA weights used)")
+    policy.add_argument("--run", default=None, help="a run's prefix: evaluate its last completed round's update")
     parser.add_argument("--prompts", required=True, help="artifact URI of the prompt sets")
     parser.add_argument("--prompt-file", default="test.jsonl", help="file in the prompts artifact")
     parser.add_argument("--out", required=True, help="artifact URI (local path or s3://) for the scores and grid")
