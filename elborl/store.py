@@ -344,6 +344,35 @@ class ArtifactStore:
             raise ArtifactNotFoundError(f"no published artifact at {prefix.uri} ({MANIFEST} missing)")
         return _parse_manifest(data, prefix.uri)
 
+    def mirror_prefix(self, uri: str, target: str | os.PathLike) -> Path:
+        """Copies every object under an `s3://` prefix that was not published as an artifact (e.g. a model
+        snapshot uploaded with `aws s3 sync`) into `target`; files already there with the object's size are
+        kept, so a second call downloads only what is missing. Returns `target`."""
+        bucket, key = _parse_uri(uri)
+        if bucket is None:
+            raise ValueError(f"not an s3:// URI: {os.fspath(uri)!r}")
+        prefix = _S3Prefix(self.s3, self.transfer, bucket, key)
+        target = Path(target).resolve()
+        objects = []
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.prefix):
+            objects += [(o["Key"], int(o["Size"])) for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+        if not objects:
+            raise FileNotFoundError(f"no objects under {prefix.uri}")
+        fetched = 0
+        for object_key, size in objects:
+            local = (target / object_key[len(prefix.prefix):]).resolve()
+            if not local.is_relative_to(target):
+                raise ValueError(f"object key {object_key!r} escapes {target}")
+            if local.is_file() and local.stat().st_size == size:
+                continue
+            local.parent.mkdir(parents=True, exist_ok=True)
+            partial = local.with_name(f".{local.name}.{uuid.uuid4().hex[:12]}.partial")
+            prefix.fetch(object_key[len(prefix.prefix):], partial)
+            partial.replace(local)
+            fetched += 1
+        logger.info("mirrored %s: %d objects, %d downloaded to %s", prefix.uri, len(objects), fetched, target)
+        return target
+
     def read_json(self, uri: str | os.PathLike):
         """A small JSON object stored at `uri` itself (not an artifact: no manifest)."""
         prefix, name = self._object(uri)

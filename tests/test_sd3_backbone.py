@@ -1,13 +1,11 @@
 """The SD3 backbone (elborl.models.sd3) behind the same interface and RL loop as the shapes model.
 
-Everything runs on a tiny random SD3 built from configs (no downloads); s3:// loading is exercised with a
-stand-in boto3 module, since boto3 itself may be absent.
+Everything runs on a tiny random SD3 built from configs (no downloads); s3:// loading runs against the real
+local S3 server of tests/s3server.py.
 """
 
 import json
 import shutil
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -139,61 +137,18 @@ def test_policy_lora_and_one_full_rl_epoch(tmp_path):
 
 
 # --- s3:// ------------------------------------------------------------------------------------------
-class FakeS3Client:
-    """list_objects_v2 pagination and download_file over a local folder standing in for a bucket."""
-
-    def __init__(self, root, calls):
-        self.root, self.calls = root, calls
-
-    def get_paginator(self, operation):
-        assert operation == "list_objects_v2"
-        root = self.root
-
-        class Paginator:
-            def paginate(self, Bucket, Prefix):
-                keys = sorted(str(p.relative_to(root / Bucket)) for p in (root / Bucket).rglob("*") if p.is_file())
-                keys = [k for k in keys if k.startswith(Prefix)]
-                for start in range(0, max(len(keys), 1), 5):  # several pages
-                    yield {"Contents": [{"Key": k, "Size": (root / Bucket / k).stat().st_size}
-                                        for k in keys[start:start + 5]]} if keys else {}
-
-        return Paginator()
-
-    def download_file(self, bucket, key, filename):
-        self.calls.append(key)
-        shutil.copyfile(self.root / bucket / key, filename)
-
-
-@pytest.fixture
-def fake_boto3(tmp_path, monkeypatch):
-    calls, seen = [], {}
-
-    def client(service, **kwargs):
-        assert service == "s3"
-        seen.update(kwargs)
-        return FakeS3Client(tmp_path / "server", calls)
-
-    monkeypatch.setitem(sys.modules, "boto3", types.SimpleNamespace(client=client))
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
-    return calls, seen
-
-
-def test_loading_from_s3_mirrors_the_prefix_into_the_cache(model, saved, tmp_path, fake_boto3):
-    calls, seen = fake_boto3
-    shutil.copytree(saved, tmp_path / "server" / "bucket" / "models" / "tiny")
+def test_loading_from_s3_mirrors_the_prefix_into_the_cache(model, saved, tmp_path, s3_env):
+    """A snapshot uploaded file by file (as `aws s3 sync` would, no manifest) to a real local S3 server."""
+    client = s3_env.client()
+    bucket = s3_env.create_bucket("models")
+    for path in sorted(p for p in saved.rglob("*") if p.is_file()):
+        client.upload_file(str(path), bucket, f"sd3/tiny/{path.relative_to(saved)}")
     cache = tmp_path / "cache"
-    loaded = SD3FlowModel.from_pretrained("s3://bucket/models/tiny", cache_dir=cache)
-    assert seen == {"endpoint_url": "http://127.0.0.1:9"}
-    assert (cache / "bucket" / "models" / "tiny" / "transformer").is_dir()
+    loaded = SD3FlowModel.from_pretrained(f"s3://{bucket}/sd3/tiny", cache_dir=cache)
+    assert (cache / bucket / "sd3" / "tiny" / "transformer").is_dir()
     assert torch.equal(velocities(model), velocities(loaded.eval()))
-    n_files = len(calls)
-    SD3FlowModel.from_pretrained("s3://bucket/models/tiny/", cache_dir=cache)  # cached: nothing downloaded
-    assert len(calls) == n_files > 0
-    with pytest.raises(FileNotFoundError, match="no objects under s3://bucket/elsewhere"):
-        SD3FlowModel.from_pretrained("s3://bucket/elsewhere", cache_dir=cache)
-
-
-def test_s3_without_boto3_says_so(monkeypatch, tmp_path):
-    monkeypatch.setitem(sys.modules, "boto3", None)  # import boto3 -> ImportError
-    with pytest.raises(ImportError, match="needs boto3"):
-        SD3FlowModel.from_pretrained("s3://bucket/prefix", cache_dir=tmp_path)
+    mtimes = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
+    SD3FlowModel.from_pretrained(f"s3://{bucket}/sd3/tiny/", cache_dir=cache)  # cached: nothing downloaded again
+    assert mtimes == {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
+    with pytest.raises(FileNotFoundError, match=f"no objects under s3://{bucket}/elsewhere"):
+        SD3FlowModel.from_pretrained(f"s3://{bucket}/elsewhere", cache_dir=cache)

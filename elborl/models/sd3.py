@@ -218,55 +218,18 @@ def check_pretrained_directory(directory: Path) -> None:
 
 
 # --- s3:// ---------------------------------------------------------------------------------------
-def split_s3_uri(uri: str) -> tuple[str, str]:
-    if not uri.startswith("s3://"):
-        raise ValueError(f"not an s3:// URI: {uri!r}")
-    bucket, _, prefix = uri[len("s3://"):].partition("/")
-    if not bucket:
-        raise ValueError(f"no bucket in {uri!r}")
-    return bucket, prefix.strip("/")
-
-
 def default_cache_dir() -> Path:
     return Path(os.environ.get("ELBORL_CACHE", Path.home() / ".cache" / "elborl")) / "s3"
 
 
 def download_s3_prefix(uri: str, cache_dir: str | Path | None = None) -> Path:
-    """Mirrors every object under s3://bucket/prefix into cache_dir/bucket/prefix; returns that directory.
+    """Mirrors s3://bucket/prefix into cache_dir/bucket/prefix through the artifact store (a model snapshot
+    need not be a published artifact); endpoint and credentials come from the standard AWS environment."""
+    from elborl.store import ArtifactStore
 
-    Files already there with the object's size are kept (a re-run downloads only what is missing). The
-    endpoint and credentials come from the standard AWS environment (AWS_ENDPOINT_URL[_S3], AWS_PROFILE,
-    AWS_ACCESS_KEY_ID, ...); nothing about them is logged.
-    """
-    try:
-        import boto3
-    except ImportError as error:
-        raise ImportError(f"loading {uri} needs boto3 (pip install boto3); it is not installed") from error
-    bucket, prefix = split_s3_uri(uri)
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = (root / bucket / prefix).resolve()
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    client = boto3.client("s3", **({"endpoint_url": endpoint} if endpoint else {}))
-    listing_prefix = prefix + "/" if prefix else ""
-    objects = []
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=listing_prefix):
-        objects += [(o["Key"], int(o["Size"])) for o in page.get("Contents", []) if not o["Key"].endswith("/")]
-    if not objects:
-        raise FileNotFoundError(f"no objects under {uri}")
-    fetched = 0
-    for key, size in objects:
-        local = (target / key[len(listing_prefix):]).resolve()
-        if not local.is_relative_to(target):
-            raise ValueError(f"object key {key!r} escapes the cache directory")
-        if local.is_file() and local.stat().st_size == size:
-            continue
-        local.parent.mkdir(parents=True, exist_ok=True)
-        partial = local.with_name(f".{local.name}.partial-{os.getpid()}")
-        client.download_file(bucket, key, str(partial))
-        partial.replace(local)
-        fetched += 1
-    logger.info("s3://%s/%s: %d objects, %d downloaded to %s", bucket, prefix, len(objects), fetched, target)
-    return target
+    return ArtifactStore().mirror_prefix(uri, root / bucket / prefix.strip("/"))
 
 
 # --- a tiny random SD3 for tests ------------------------------------------------------------------
