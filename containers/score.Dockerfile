@@ -5,6 +5,10 @@
 #   build:   containers/build.sh score   (context: the repository root; builds the base first)
 #   knobs:   --build-arg TORCH_CUDA_ARCH_LIST=... --build-arg MAX_JOBS=...
 # The Mask2Former checkpoint is not baked in: mount it and pass its path to the stage.
+# The same image serves rewards over HTTP for a score stage elsewhere (`stages.score --reward-url URL`):
+#   docker run -e ELBORL_REWARD_TOKEN -p 127.0.0.1:8765:8765 --entrypoint python elborl-score:0.1.0 \
+#       -m elborl.rewards.service --host 0.0.0.0 --port 8765 --rewards shapes_geneval --preload
+# (a token is required on any non-loopback address; GET /healthz answers without one).
 ARG BASE_IMAGE=elborl-base:0.1.0
 
 FROM ${BASE_IMAGE} AS base
@@ -95,5 +99,7 @@ RUN uv pip install /tmp/wheels/mmcv-2.1.0-*.whl mmdet==3.3.0 mmengine==0.10.7 op
     && python -c "import importlib.util, mmcv, mmdet, mmengine; assert mmcv.__version__ == '2.1.0', mmcv.__version__; assert importlib.util.find_spec('mmcv._ext') is not None, 'no mmcv._ext'"
 
 USER 1000:1000
+# the reward service's default port (used only with the entrypoint override above)
+EXPOSE 8765
 ENTRYPOINT ["python", "-m", "stages.score"]
 CMD ["--help"]

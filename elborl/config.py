@@ -10,6 +10,7 @@ from elborl.evaluate import EvalConfig
 from elborl.models.shapes_model import ShapesModelConfig
 from elborl.policy import FINETUNE_MODES, PolicyConfig
 from elborl.pretrain import LR_SCHEDULES, PretrainConfig
+from elborl.rewards import RewardsConfig
 from elborl.rl import RLConfig
 from elborl.sampling import ODE_SAMPLERS
 
@@ -28,6 +29,7 @@ class Params:
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
     eval_every: int = 10  # RL epochs between held-out evaluations of the EMA policy (0 = only at the end)
     artifacts: str = "artifacts"
 
@@ -42,6 +44,12 @@ def _convert(value, kind, where: str):
         if not isinstance(value, (list, tuple)):
             raise ParamsError(f"{where}: expected a list, got {value!r}")
         return tuple(_convert(v, typing.get_args(kind)[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(f"{where}: expected a mapping, got {value!r}")
+        key_kind, value_kind = typing.get_args(kind)
+        return {_convert(k, key_kind, f"{where} (key {k!r})"): _convert(v, value_kind, f"{where}.{k}")
+                for k, v in value.items()}
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if kind is float and isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
@@ -82,6 +90,10 @@ def _check(params: Params) -> None:
         raise ParamsError(f"evaluate.sampler: unknown sampler {params.evaluate.sampler!r}; expected one of {ODE_SAMPLERS}")
     try:
         params.rl.validate()
+    except ValueError as error:
+        raise ParamsError(str(error)) from None
+    try:
+        params.rewards.validate()
     except ValueError as error:
         raise ParamsError(str(error)) from None
     if params.policy.finetune not in FINETUNE_MODES:

@@ -386,6 +386,49 @@ class ArtifactStore:
         prefix, name = self._object(uri)
         prefix.write(name, _encode(value))
 
+    def fetch_object(self, uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+        """A local path holding the single object at `uri` (no manifest: e.g. third-party model weights).
+
+        Local paths and file:// URIs are returned as they are (they must exist). s3:// objects are
+        downloaded once to `cache_dir/bucket/key` (default `$ELBORL_CACHE/s3`, else ~/.cache/elborl/s3)
+        through a partial file and a rename; a cached file of the object's size is reused. The format
+        is not checked here: the caller loads the file with a safe loader.
+        """
+        bucket, key = _parse_uri(uri)
+        if bucket is None:
+            path = Path(key)
+            if not path.is_file():
+                raise FileNotFoundError(f"no file at {os.fspath(uri)}")
+            return path
+        if not key or key.endswith("/"):
+            raise ValueError(f"bad URI {os.fspath(uri)!r}: names no object")
+        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        target = (root / bucket / key).resolve()
+        if not target.is_relative_to(root.resolve()):
+            raise ValueError(f"object key {key!r} escapes the cache directory")
+        try:
+            size = int(self.s3.head_object(Bucket=bucket, Key=key)["ContentLength"])
+        except ClientError as error:
+            if _is_missing(error):
+                raise FileNotFoundError(f"no object at {os.fspath(uri)}") from None
+            raise
+        if target.is_file() and target.stat().st_size == size:
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.partial")
+        try:
+            self.s3.download_file(bucket, key, str(partial), Config=self.transfer)
+            partial.replace(target)
+        finally:
+            partial.unlink(missing_ok=True)
+        logger.info("fetched s3://%s/%s into %s (%d bytes)", bucket, key, target, size)
+        return target
+
+
+def default_cache_dir() -> Path:
+    """Where fetched single objects are cached: $ELBORL_CACHE/s3, else ~/.cache/elborl/s3."""
+    return Path(os.environ.get("ELBORL_CACHE", Path.home() / ".cache" / "elborl")) / "s3"
+
 
 # --- one-off calls with the default settings (endpoint and credentials from the environment) ----------
 def put_artifact(source: str | os.PathLike, uri: str | os.PathLike, meta: dict | None = None) -> dict:
@@ -410,3 +453,7 @@ def read_json(uri: str | os.PathLike):
 
 def write_json(uri: str | os.PathLike, value) -> None:
     ArtifactStore().write_json(uri, value)
+
+
+def fetch_object(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    return ArtifactStore().fetch_object(uri, cache_dir)

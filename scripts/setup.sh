@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates .venv and installs the project with its dev extras; a no-op when pyproject.toml is unchanged.
+# Creates .venv and installs the project with its dev and geneval extras; a no-op when pyproject.toml and this script are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3.11}
@@ -11,6 +11,6 @@ echo "setting up .venv (first run: torch and friends, a few minutes)" >&2
 .venv/bin/pip install -q --upgrade pip
 # torch first, pinned: the CUDA build serves CPU too; other packages must not pull another torch.
 .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
-.venv/bin/pip install -q -e ".[dev]"
+.venv/bin/pip install -q -e ".[dev,geneval]"
 rm -f .venv/.installed-*
 touch "$stamp"

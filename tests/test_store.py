@@ -275,3 +275,25 @@ def test_credentials_never_logged(s3_env, tmp_path, monkeypatch, caplog, capfd):
         assert secret not in caplog.text + printed + "".join(errors)
     # botocore's own DEBUG lines carry the access key id inside the Authorization header; nothing else may
     assert s3_env.access_key not in ours + above_debug + printed + "".join(errors)
+
+
+def test_fetch_object_caches_single_s3_objects(s3_env, tmp_path, monkeypatch):
+    bucket = s3_env.create_bucket()
+    weights = b"\x80\x02 checkpoint bytes" * 1000
+    s3_env.client().put_object(Bucket=bucket, Key="weights/m2f.pth", Body=weights)
+    cache = tmp_path / "cache"
+    path = store.fetch_object(f"s3://{bucket}/weights/m2f.pth", cache)
+    assert path == (cache / bucket / "weights" / "m2f.pth").resolve() and path.read_bytes() == weights
+    downloads = []
+    original = ArtifactStore.fetch_object
+    monkeypatch.setattr("boto3.s3.transfer.S3Transfer.download_file", lambda *a, **k: downloads.append(a))
+    assert original(ArtifactStore(), f"s3://{bucket}/weights/m2f.pth", cache) == path
+    assert downloads == []  # cached with the object's size: not downloaded again
+    assert leftovers(cache) == []
+    with pytest.raises(FileNotFoundError, match=f"no object at s3://{bucket}/weights/absent.pth"):
+        store.fetch_object(f"s3://{bucket}/weights/absent.pth", cache)
+    local = tmp_path / "local.pth"
+    local.write_bytes(weights)
+    assert store.fetch_object(local) == local and store.fetch_object(local.as_uri()) == local
+    with pytest.raises(FileNotFoundError, match="no file at"):
+        store.fetch_object(tmp_path / "absent.pth")

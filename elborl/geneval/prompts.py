@@ -1,7 +1,8 @@
 """GenEval prompt generator: the six task templates over any vocabulary.
 
 The shapes world uses `elborl.shapes.world.SHAPES_VOCABULARY`; the real GenEval is the same
-generator over COCO's 80 classes and ten colours. Every record follows the metadata format of
+generator over COCO's 80 classes and ten colours (`GENEVAL_VOCABULARY`, `geneval_test_set`,
+`geneval_train_set`). Every record follows the metadata format of
 `elborl.geneval.types`: {"tag", "prompt", "include", "exclude"}.
 
 Sampling is deterministic given the seed: each task draws from its own numpy Generator seeded
@@ -16,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from elborl.geneval.types import TASKS
-from elborl.shapes.world import SHAPES_VOCABULARY, Vocabulary
+from elborl.shapes.world import RELATIONS, SHAPES_VOCABULARY, Vocabulary
 
-# GenEval never asks for the colour of a person (colors task only).
+# GenEval never asks for the colour of a person (neither in colors nor in color_attr prompts).
 CLASSES_WITHOUT_COLOR_PROMPT = ("person",)
 
 # Words that start with a vowel letter but a consonant sound ("a unicorn", "a one-way sign").
@@ -33,6 +34,44 @@ SHAPES_TEST_COUNTS = {
     "color_attr": 24,
 }
 SHAPES_TEST_SEED = 0
+
+# --- the real GenEval: COCO's 80 classes ------------------------------------------------
+
+# GenEval's object names, in COCO's category order, which is also the order of Mask2Former's
+# COCO label indices. They are COCO's names except three GenEval renamed to read naturally in a
+# prompt: "computer mouse" (COCO "mouse"), "tv remote" ("remote"), "computer keyboard" ("keyboard").
+GENEVAL_CLASSES = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
+    "bed", "dining table", "toilet", "tv", "laptop", "computer mouse", "tv remote",
+    "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator",
+    "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
+)
+GENEVAL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
+GENEVAL_VOCABULARY = Vocabulary(
+    classes=GENEVAL_CLASSES,
+    colors=GENEVAL_COLORS,
+    relations=RELATIONS,
+    counting_numbers=(2, 3, 4),
+    number_words={2: "two", 3: "three", 4: "four"},
+)
+# The official test set's prompts per task (553 in all; single_object is every class once).
+GENEVAL_TEST_COUNTS = {
+    "single_object": 80,
+    "two_object": 99,
+    "counting": 80,
+    "colors": 94,
+    "position": 100,
+    "color_attr": 100,
+}
+# GenEval's own default generation seed; our draws differ from its prompt file (another
+# sampling procedure), but the templates, vocabulary, metadata and per-task counts are its own.
+GENEVAL_TEST_SEED = 43
 
 
 # --- words -----------------------------------------------------------------------------
@@ -74,7 +113,8 @@ def task_parameters(vocab: Vocabulary, task: str) -> list[tuple]:
     if task == "position":
         return [(a, rel, b) for a, b in _ordered_pairs(classes) for rel in vocab.relations]
     if task == "color_attr":
-        return [(c1, a, c2, b) for a, b in _ordered_pairs(classes) for c1, c2 in _ordered_pairs(colors)]
+        colorable = [c for c in classes if c not in CLASSES_WITHOUT_COLOR_PROMPT]
+        return [(c1, a, c2, b) for a, b in _ordered_pairs(colorable) for c1, c2 in _ordered_pairs(colors)]
     raise ValueError(f"unknown GenEval task {task!r}; expected one of {TASKS}")
 
 
@@ -172,6 +212,19 @@ def shapes_train_set(n_per_task, seed: int) -> list[dict]:
     counts = n_per_task if isinstance(n_per_task, dict) else {task: n_per_task for task in TASKS}
     test_prompts = {record["prompt"] for record in shapes_test_set()}
     return generate(SHAPES_VOCABULARY, counts, seed, exclude_prompts=test_prompts)
+
+
+def geneval_test_set() -> list[dict]:
+    """GenEval's test set over COCO: 553 prompts, 80 / 99 / 80 / 94 / 100 / 100 per task."""
+    return generate(GENEVAL_VOCABULARY, GENEVAL_TEST_COUNTS, GENEVAL_TEST_SEED)
+
+
+def geneval_train_set(n_per_task, seed: int) -> list[dict]:
+    """Training prompts over COCO from another seed, never a test prompt (single_object gets none:
+    the test set holds all 80 classes). `n_per_task`: one count for every task or a {task: count} dict."""
+    counts = n_per_task if isinstance(n_per_task, dict) else {task: n_per_task for task in TASKS}
+    test_prompts = {record["prompt"] for record in geneval_test_set()}
+    return generate(GENEVAL_VOCABULARY, counts, seed, exclude_prompts=test_prompts)
 
 
 # --- JSONL -----------------------------------------------------------------------------

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 import json
 import logging
-import os
 
 import numpy as np
 import torch
@@ -218,14 +217,10 @@ def check_pretrained_directory(directory: Path) -> None:
 
 
 # --- s3:// ---------------------------------------------------------------------------------------
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("ELBORL_CACHE", Path.home() / ".cache" / "elborl")) / "s3"
-
-
 def download_s3_prefix(uri: str, cache_dir: str | Path | None = None) -> Path:
     """Mirrors s3://bucket/prefix into cache_dir/bucket/prefix through the artifact store (a model snapshot
     need not be a published artifact); endpoint and credentials come from the standard AWS environment."""
-    from elborl.store import ArtifactStore
+    from elborl.store import ArtifactStore, default_cache_dir
 
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()

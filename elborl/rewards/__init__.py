@@ -1,16 +1,217 @@
-"""Rewards: callables (images uint8 N x H x W x 3, prompt metadata) -> per-image rewards, by name."""
+"""Rewards: callables (images uint8 N x H x W x 3, prompt metadata list[dict]) -> float32 (N,), by name.
+
+`REWARDS` maps a name to a factory(**kwargs); `make_reward(name, **kwargs)` builds one. Factories import
+their modules lazily, so importing this package stays light (numpy only).
+
+| name                   | module           | kwargs (main ones)                                   |
+|------------------------|------------------|------------------------------------------------------|
+| shapes_geneval         | geneval          | -                                                    |
+| geneval                | geneval          | Mask2Former GenEval reward's own                     |
+| ocr                    | ocr              | min_confidence, threads                              |
+| clipscore              | clip_family      | path, model_name                                     |
+| pickscore              | clip_family      | path, processor_path                                 |
+| hpsv2                  | clip_family      | path, model_name="ViT-H-14" (HPS v2.1 weights)       |
+| aesthetic              | clip_family      | path | clip_path + head_path                         |
+| jpeg_compressibility   | jpeg             | quality                                              |
+| jpeg_incompressibility | jpeg             | quality                                              |
+
+Several rewards at once: `MultiReward` (or `reward_from_params(params.rewards)`) with per-reward weights w_i
+and one of two aggregations (`params.yaml`: `rewards: {aggregate, weights, paths}`):
+
+- weighted_sum: R = Σ w_i R_i per sample; the training loop's advantages are then taken of R as usual.
+- advantages:   Σ w_i · z_i with z_i = (R_i − mean_group R_i) / std_batch(R_i), each reward normalised on its own
+                (group = the images of one prompt; std = population std of the batch, floored at 1e-6), so no
+                reward dominates by its scale. `__call__` returns these per-sample values (zero mean per group);
+                the loop's own advantage mode then applies on top, unchanged: `recipe` gives
+                advantage_scale · Σ w_i z_i, `std` renormalises the sum by its batch std and clips it. With
+                these values, `reward_mean` in the training log is ≈ 0; per-reward means are in
+                `last_scores`. Needs whole groups in one call (a rollout batch). `advantages(scores, group_ids,
+                mode, scale, clip)` is the general form: Σ w_i · group_advantages(R_i) with explicit group ids.
+
+A weight of 0 keeps a reward computed (in `last_scores`) but out of training.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
 
 
-def _shapes_geneval():
+# --- the registry ---------------------------------------------------------------------------------
+def _shapes_geneval(**kwargs):
     from elborl.rewards.geneval import shapes_geneval_reward
 
-    return shapes_geneval_reward()
+    return shapes_geneval_reward(**kwargs)
 
 
-REWARDS = {"shapes_geneval": _shapes_geneval}
+def _geneval(**kwargs):
+    from elborl.rewards.geneval import mask2former_geneval_reward
+
+    return mask2former_geneval_reward(**kwargs)
 
 
-def make_reward(name: str):
+def _ocr(**kwargs):
+    from elborl.rewards.ocr import ocr_reward
+
+    return ocr_reward(**kwargs)
+
+
+def _clipscore(**kwargs):
+    from elborl.rewards.clip_family import clipscore_reward
+
+    return clipscore_reward(**kwargs)
+
+
+def _pickscore(**kwargs):
+    from elborl.rewards.clip_family import pickscore_reward
+
+    return pickscore_reward(**kwargs)
+
+
+def _hpsv2(**kwargs):
+    from elborl.rewards.clip_family import hpsv2_reward
+
+    return hpsv2_reward(**kwargs)
+
+
+def _aesthetic(**kwargs):
+    from elborl.rewards.clip_family import aesthetic_reward
+
+    return aesthetic_reward(**kwargs)
+
+
+def _jpeg_compressibility(**kwargs):
+    from elborl.rewards.jpeg import jpeg_compressibility
+
+    return jpeg_compressibility(**kwargs)
+
+
+def _jpeg_incompressibility(**kwargs):
+    from elborl.rewards.jpeg import jpeg_incompressibility
+
+    return jpeg_incompressibility(**kwargs)
+
+
+REWARDS = {
+    "shapes_geneval": _shapes_geneval,
+    "geneval": _geneval,
+    "ocr": _ocr,
+    "clipscore": _clipscore,
+    "pickscore": _pickscore,
+    "hpsv2": _hpsv2,
+    "aesthetic": _aesthetic,
+    "jpeg_compressibility": _jpeg_compressibility,
+    "jpeg_incompressibility": _jpeg_incompressibility,
+}
+# Rewards whose factory needs the location of model weights (rewards.paths.<name> in params.yaml).
+NEEDS_PATH = ("clipscore", "pickscore", "hpsv2", "aesthetic")
+AGGREGATES = ("weighted_sum", "advantages")
+
+
+def check_reward_name(name: str, where: str = "reward") -> None:
     if name not in REWARDS:
-        raise ValueError(f"unknown reward {name!r}; expected one of {sorted(REWARDS)}")
-    return REWARDS[name]()
+        raise ValueError(f"{where}: unknown reward {name!r}; expected one of {sorted(REWARDS)}")
+
+
+def make_reward(name: str, **kwargs):
+    """The reward registered as `name`, built with the factory's kwargs."""
+    check_reward_name(name)
+    if name in NEEDS_PATH and kwargs.get("path") is None and not (name == "aesthetic" and kwargs.get("clip_path")):
+        raise ValueError(f"reward {name!r} needs the location of its weights: path=<local dir or s3://...> "
+                         f"(params.yaml: rewards.paths.{name})")
+    return REWARDS[name](**kwargs)
+
+
+# --- several rewards ------------------------------------------------------------------------------
+@dataclass
+class RewardsConfig:
+    """params.yaml `rewards:` — which rewards train the policy, their weights, and where their weights live."""
+
+    aggregate: str = "weighted_sum"  # one of AGGREGATES (module doc)
+    weights: dict[str, float] = field(default_factory=lambda: {"shapes_geneval": 1.0})
+    paths: dict[str, str] = field(default_factory=dict)  # reward name -> local path or s3:// artifact of its model
+
+    def validate(self) -> None:
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(f"rewards.aggregate: unknown aggregation {self.aggregate!r}; expected one of {AGGREGATES}")
+        if not self.weights:
+            raise ValueError("rewards.weights: name at least one reward")
+        for section in ("weights", "paths"):
+            for name in getattr(self, section):
+                check_reward_name(name, f"rewards.{section}.{name}")
+        for name, weight in self.weights.items():
+            if not math.isfinite(weight):
+                raise ValueError(f"rewards.weights.{name}: must be finite, got {weight}")
+            if name in NEEDS_PATH and not self.paths.get(name):
+                raise ValueError(f"rewards.paths.{name}: reward {name!r} is weighted but the location of its "
+                                 "model weights is not given (a local path or s3:// artifact)")
+        if not any(self.weights.values()):
+            raise ValueError("rewards.weights: every weight is 0; at least one reward must train the policy")
+
+
+def prompt_groups(metas: list[dict]) -> list[int]:
+    """Group ids from prompt metadata: images of the same prompt form one group."""
+    ids: dict[str, int] = {}
+    return [ids.setdefault(m["prompt"], len(ids)) for m in metas]
+
+
+class MultiReward:
+    """Weighted rewards by name, aggregated by weighted sum or by per-reward normalised advantages (module doc)."""
+
+    def __init__(self, rewards: dict, weights: dict[str, float], aggregate: str = "weighted_sum"):
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"unknown aggregation {aggregate!r}; expected one of {AGGREGATES}")
+        missing = sorted(set(weights) - set(rewards))
+        if missing:
+            raise ValueError(f"weights name rewards that were not given: {missing}")
+        self.names = list(weights)
+        self.rewards = {name: rewards[name] for name in self.names}
+        self.weights = np.array([float(weights[n]) for n in self.names], dtype=np.float64)
+        self.aggregate = aggregate
+        self.last_scores: dict[str, np.ndarray] = {}
+
+    def scores(self, images: np.ndarray, metas: list[dict]) -> np.ndarray:
+        """Each reward of each image: float32 (N, K), columns in `names` order (also kept in `last_scores`)."""
+        columns = []
+        for name in self.names:
+            values = np.asarray(self.rewards[name](images, metas), dtype=np.float32).reshape(-1)
+            if values.shape != (len(images),):
+                raise ValueError(f"reward {name!r} returned {values.shape[0]} values for {len(images)} images")
+            columns.append(values)
+        matrix = np.stack(columns, axis=1) if columns else np.zeros((len(images), 0), np.float32)
+        self.last_scores = {name: matrix[:, i].copy() for i, name in enumerate(self.names)}
+        return matrix
+
+    def combine(self, scores: np.ndarray, group_ids=None) -> np.ndarray:
+        """(N, K) rewards -> (N,) training values: Σ w_i R_i, or Σ w_i z_i for `advantages` (needs group_ids)."""
+        scores = np.asarray(scores, dtype=np.float64)
+        if self.aggregate == "weighted_sum":
+            return (scores @ self.weights).astype(np.float32)
+        if group_ids is None:
+            raise ValueError("aggregate 'advantages' needs the group of every sample")
+        return self.advantages(scores, group_ids, mode="std", clip=math.inf).numpy().astype(np.float32)
+
+    def advantages(self, scores, group_ids, mode: str = "recipe", scale: float = 0.1, clip: float = 5.0):
+        """Σ w_i · group_advantages(R_i, group_ids, mode, scale, clip): per-reward advantages, weighted, summed."""
+        import torch
+
+        from elborl.objectives import group_advantages
+
+        scores = torch.as_tensor(np.asarray(scores, dtype=np.float32))
+        total = torch.zeros(scores.shape[0], dtype=torch.float32)
+        for i, weight in enumerate(self.weights):
+            total += float(weight) * group_advantages(scores[:, i], group_ids, mode, scale, clip)
+        return total
+
+    def __call__(self, images: np.ndarray, metas: list[dict]) -> np.ndarray:
+        return self.combine(self.scores(images, metas), prompt_groups(metas))
+
+
+def reward_from_params(config: RewardsConfig) -> MultiReward:
+    """The MultiReward that params.yaml's `rewards:` section describes (each model from rewards.paths)."""
+    config.validate()
+    rewards = {}
+    for name in config.weights:
+        extra = {"path": config.paths[name]} if name in config.paths else {}
+        rewards[name] = make_reward(name, **extra)
+    return MultiReward(rewards, config.weights, config.aggregate)
