@@ -21,7 +21,7 @@ from elborl.geneval.prompts import shapes_test_set, shapes_train_set, write_json
 from elborl.plots import plot_run
 from elborl.policy import Policy
 from elborl.pretrain import ensure_base_model
-from elborl.rewards.geneval import shapes_geneval_reward
+from elborl.rewards import reward_from_params
 from elborl.rl import train
 
 
@@ -36,7 +36,8 @@ def prepare_prompts(params, out_dir: Path) -> tuple[list[dict], list[dict]]:
 
 def run_key(base_path: Path, params) -> str:
     blob = json.dumps({"base": base_path.name, "policy": asdict(params.policy), "rl": asdict(params.rl),
-                       "evaluate": asdict(params.evaluate), "eval_every": params.eval_every}, sort_keys=True)
+                       "rewards": asdict(params.rewards), "evaluate": asdict(params.evaluate),
+                       "eval_every": params.eval_every}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -54,7 +55,7 @@ def fine_tune(model, train_set, test, params, run_dir: Path, max_train_seconds: 
         latest[:] = evaluate(p.backbone, test, params.evaluate, progress=False)
         return latest[0]
 
-    train(policy, train_set, shapes_geneval_reward(), params.rl, run_dir, held_out, params.eval_every,
+    train(policy, train_set, reward_from_params(params.rewards), params.rl, run_dir, held_out, params.eval_every,
           max_train_seconds=max_train_seconds, initial_eval=base_summary)
     if not latest:  # a finished run was resumed: nothing trained, nothing evaluated in this process
         with policy.ema_weights(), torch.no_grad():

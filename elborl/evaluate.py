@@ -1,4 +1,7 @@
-"""Evaluation: sample a prompt set (4 images per prompt, as GenEval does), score it, draw a grid."""
+"""Evaluation: sample a prompt set (4 images per prompt, as GenEval does), score it, draw a grid.
+
+`evaluate` gives GenEval's strict score (a `correct` verdict per image); `evaluate_metrics` any set of metrics
+(reward callables) per task. Both sample through `sample_images` and write through `write_evaluation`."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -8,7 +11,6 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from elborl.geneval.scoring import GenEvalScorer, summarize
-from elborl.geneval.types import TASKS
 from elborl.sampling import sample
 from elborl.shapes.detector import PaletteColorClassifier, ShapesDetector
 
@@ -28,14 +30,19 @@ def shapes_scorer() -> GenEvalScorer:
     return GenEvalScorer(ShapesDetector(), PaletteColorClassifier())
 
 
-def evaluate(model, metas: list[dict], config: EvalConfig = EvalConfig(), scorer=None, progress=True):
-    """Returns (summary dict, per-image records, uint8 images)."""
-    scorer = scorer or shapes_scorer()
+def sample_images(model, metas: list[dict], config: EvalConfig = EvalConfig(), progress=True):
+    """`images_per_prompt` images of every prompt, one seed each: (metadata per image, seeds, uint8 images)."""
     expanded = [m for m in metas for _ in range(config.images_per_prompt)]
     seeds = [config.seed + i for i in range(len(expanded))]
     x0 = sample(model, [m["prompt"] for m in expanded], seeds, config.sampler, config.steps, config.shift,
                 config.guidance, config.batch_size, progress)
-    images = model.to_images(x0)
+    return expanded, seeds, model.to_images(x0)
+
+
+def evaluate(model, metas: list[dict], config: EvalConfig = EvalConfig(), scorer=None, progress=True):
+    """GenEval's strict score (default: the shapes scorer). Returns (summary dict, per-image records, uint8 images)."""
+    scorer = scorer or shapes_scorer()
+    expanded, seeds, images = sample_images(model, metas, config, progress)
     scores = scorer.score(images, expanded)
     summary = summarize([m["tag"] for m in expanded], [s.correct for s in scores])
     summary["mean_reward"] = float(np.mean([s.reward for s in scores]))
@@ -44,23 +51,53 @@ def evaluate(model, metas: list[dict], config: EvalConfig = EvalConfig(), scorer
     return summary, records, images
 
 
+def evaluate_metrics(model, metas: list[dict], config: EvalConfig, metrics: dict, progress=True):
+    """Any metrics (reward callables by name, e.g. `make_reward("clipscore", path=...)`) on a prompt set.
+
+    Returns (summary, per-image records, uint8 images); the summary holds, per metric, its mean per task
+    (meta["tag"], in order of first appearance) and overall, the unweighted mean of the task means (GenEval's
+    convention: a task counts once whatever its size): {"metrics": {name: {"tasks": {tag: mean}, "overall": x}},
+    "n_images": N}.
+    """
+    expanded, seeds, images = sample_images(model, metas, config, progress)
+    tags = np.array([m["tag"] for m in expanded])
+    records = [{"prompt": m["prompt"], "tag": m["tag"], "seed": seed} for m, seed in zip(expanded, seeds)]
+    summary = {"metrics": {}, "n_images": len(expanded)}
+    for name, metric in metrics.items():
+        values = np.asarray(metric(images, expanded), dtype=np.float64).reshape(-1)
+        if values.shape != (len(images),):
+            raise ValueError(f"metric {name!r} returned {values.size} values for {len(images)} images")
+        tasks = {str(tag): float(values[tags == tag].mean()) for tag in dict.fromkeys(tags)}
+        summary["metrics"][name] = {"tasks": tasks, "overall": float(np.mean(list(tasks.values())))}
+        for record, value in zip(records, values):
+            record[name] = float(value)
+    return summary, records, images
+
+
 def write_evaluation(out_dir: str | Path, summary: dict, records: list[dict], images: np.ndarray) -> dict:
+    """scores.json (the summary), scores.md (its per-task table), images.jsonl (per image) and grid.png."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "scores.json").write_text(json.dumps(summary, indent=1))
+    columns = summary.get("metrics", {"geneval_strict": summary})
+    (out_dir / "scores.md").write_text(format_table(columns, markdown=True) + "\n")
     with open(out_dir / "images.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     grid_image(images, records).save(out_dir / "grid.png")
-    return {"scores": out_dir / "scores.json", "grid": out_dir / "grid.png"}
+    return {"scores": out_dir / "scores.json", "table": out_dir / "scores.md", "grid": out_dir / "grid.png"}
+
+
+FRAMES = {True: (40, 170, 60), False: (200, 40, 40), None: (170, 170, 170)}  # GenEval-correct, wrong, no verdict
 
 
 def grid_image(images: np.ndarray, records: list[dict], prompts_per_task: int = 3, scale: int = 3) -> Image.Image:
-    """Rows of one prompt's images with the prompt written beside them; green frame = GenEval-correct."""
+    """Rows of one prompt's images with the prompt written beside them, the first `prompts_per_task` prompts of
+    every task (tag); frame green = GenEval-correct, red = not, grey = no verdict (other metrics)."""
     rows: dict[str, list[int]] = {}
     for i, r in enumerate(records):
         rows.setdefault(r["prompt"], []).append(i)
     chosen = []
-    for task in TASKS:
+    for task in dict.fromkeys(r["tag"] for r in records):
         task_prompts = [p for p in rows if records[rows[p][0]]["tag"] == task]
         chosen += task_prompts[:prompts_per_task]
     cell, text_width = images.shape[1] * scale + 4, 300
@@ -68,20 +105,31 @@ def grid_image(images: np.ndarray, records: list[dict], prompts_per_task: int = 
     canvas = Image.new("RGB", (text_width + columns * cell, max(1, len(chosen)) * cell), "white")
     draw = ImageDraw.Draw(canvas)
     for row, prompt in enumerate(chosen):
-        draw.text((4, row * cell + cell // 2 - 6), prompt.removeprefix("a photo of "), fill="black")
+        text = prompt.removeprefix("a photo of ")
+        draw.text((4, row * cell + cell // 2 - 6), text if len(text) <= 48 else text[:45] + "...", fill="black")
         for col, i in enumerate(rows[prompt]):
             x, y = text_width + col * cell, row * cell
-            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(40, 170, 60) if records[i]["correct"] else (200, 40, 40))
+            draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=FRAMES[records[i].get("correct")])
             tile = Image.fromarray(images[i]).resize((cell - 4, cell - 4), Image.NEAREST)
             canvas.paste(tile, (x + 2, y + 2))
     return canvas
 
 
-def format_table(summaries: dict[str, dict]) -> str:
-    """A per-task table, one column per named summary (e.g. base, fine-tuned)."""
+def format_table(summaries: dict[str, dict], markdown: bool = False) -> str:
+    """A per-task table, one column per named summary ({"tasks": {task: score}, "overall": score}: e.g. base and
+    fine-tuned, or one per metric); rows are the tasks in order of first appearance, then overall."""
     names = list(summaries)
-    lines = [f"{'task':<15}" + "".join(f"{n:>12}" for n in names)]
-    for task in (*TASKS, "overall"):
-        values = [s["overall"] if task == "overall" else s["tasks"].get(task) for s in summaries.values()]
-        lines.append(f"{task:<15}" + "".join(f"{'-' if v is None else f'{v:.3f}':>12}" for v in values))
-    return "\n".join(lines)
+    tasks = dict.fromkeys(task for s in summaries.values() for task in s["tasks"])
+    rows = [(task, [s["tasks"].get(task) for s in summaries.values()]) for task in tasks]
+    rows.append(("overall", [s["overall"] for s in summaries.values()]))
+
+    def cell(value):
+        return "-" if value is None else f"{value:.3f}"
+
+    if markdown:
+        return "\n".join(["| task | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
+                          *(f"| {task} | " + " | ".join(map(cell, values)) + " |" for task, values in rows)])
+    widths = [max(12, len(n) + 2) for n in names]
+    return "\n".join([f"{'task':<15}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths)),
+                      *(f"{task:<15}" + "".join(f"{cell(v):>{w}}" for v, w in zip(values, widths))
+                        for task, values in rows)])

@@ -173,6 +173,11 @@ def reward_summary(rewards: torch.Tensor, metas: list[dict]) -> dict:
     return out
 
 
+def score_means(reward_fn) -> dict:
+    """`score/<name>`: the mean of each reward a MultiReward kept from its last call ({} for a plain reward)."""
+    return {f"score/{name}": float(np.mean(values)) for name, values in getattr(reward_fn, "last_scores", {}).items()}
+
+
 def _append_jsonl(path: Path, row: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -215,7 +220,7 @@ def train(policy: Policy, train_metas: list[dict], reward_fn, config: RLConfig, 
         t1 = time.perf_counter()
         rewards = torch.as_tensor(reward_fn(policy.backbone.to_images(ro.x0), ro.metas), dtype=torch.float32)
         t2 = time.perf_counter()
-        row = {"epoch": epoch, **reward_summary(rewards, ro.metas),
+        row = {"epoch": epoch, **reward_summary(rewards, ro.metas), **score_means(reward_fn),
                **update(policy, optimizer, ro, rewards, config, epoch)}
         t3 = time.perf_counter()
         train_seconds += t3 - t0

@@ -6,7 +6,7 @@ Round r samples from the policy that round r-1's update left, and publishes unde
     <run>/run.json                    the settings the run was started with (later stages must match)
     <run>/round-00003/rollout/        images/*.png, samples.safetensors (x0), samples.jsonl (prompt, group,
                                       seed and sampler settings: enough to regenerate every sample)
-    <run>/round-00003/score/          rewards.json (one reward per sample, per-task means)
+    <run>/round-00003/score/          rewards.json (one reward per sample, per-task means, per-reward means)
     <run>/round-00003/update/         policy/optimizer/rng safetensors, state.json, metrics.json
 
 through `elborl.store` (manifest last), so a run resumes at the first round without a published update,
@@ -31,7 +31,7 @@ from elborl.checkpoint import read_state, write_state
 from elborl.geneval.prompts import read_jsonl
 from elborl.models import load_backbone
 from elborl.policy import Policy
-from elborl.rl import Rollout, choose_prompts, make_optimizer, reward_summary, rollout, update
+from elborl.rl import Rollout, choose_prompts, make_optimizer, reward_summary, rollout, score_means, update
 from elborl.store import ArtifactStore
 
 STAGES = ("rollout", "score", "update")
@@ -175,7 +175,7 @@ def score_stage(ctx: RunContext, round_index: int, reward_fn) -> str:
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "rewards.json").write_text(json.dumps(
-            {"rewards": rewards.tolist(), **reward_summary(rewards, ro.metas)}))
+            {"rewards": rewards.tolist(), **reward_summary(rewards, ro.metas), **score_means(reward_fn)}))
         ctx.publish(Path(tmp), out, {"round": round_index, "stage": "score", "seconds": seconds})
     return out
 
@@ -192,6 +192,7 @@ def update_stage(ctx: RunContext, round_index: int) -> str:
     policy, optimizer = ctx.policy_after(round_index - 1)
     start = time.perf_counter()
     metrics = {"epoch": round_index, **reward_summary(rewards, ro.metas),
+               **{k: v for k, v in scores.items() if k.startswith("score/")},
                **update(policy, optimizer, ro, rewards, ctx.params.rl, round_index)}
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:

@@ -19,9 +19,10 @@ from flows.training import train_rounds
 
 @flow(name="campaign", log_prints=True)
 def campaign(root: str = "artifacts/campaign", params_path: str = "params.yaml", rounds: int | None = None,
-             mode: str = "process", reward: str = "shapes_geneval", base_model: str | None = None,
+             mode: str = "process", reward: str | None = None, base_model: str | None = None,
              run_name: str = "run", launcher: str | None = None, threads: int | None = None,
-             pretrain_cache: str = "artifacts/base_model", cache: str | None = None) -> dict:
+             pretrain_cache: str = "artifacts/base_model", cache: str | None = None,
+             reward_url: str | None = None) -> dict:
     """The whole pipeline; returns the URIs, the training flow's result and the evaluation summaries."""
     from elborl.rounds import RunContext, join, round_metrics
     from elborl.config import load_params
@@ -41,7 +42,8 @@ def campaign(root: str = "artifacts/campaign", params_path: str = "params.yaml",
         base_model = resolve_path(base_model)
         logger.info(f"base model given: {base_model}")
 
-    training = train_rounds(run, base_model, prompts, params_path, rounds, mode, reward, launcher, threads, cache)
+    training = train_rounds(run, base_model, prompts, params_path, rounds, mode, reward, launcher, threads, cache,
+                            reward_url)
     summaries = evaluate_models(base_model, prompts, eval_out, params_path, run=run, mode=mode, launcher=launcher,
                                 threads=threads, cache=cache)
 
@@ -72,14 +74,15 @@ def main(argv=None) -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--rounds", type=int, default=None, help="rounds to reach (default: rl.epochs)")
     parser.add_argument("--mode", default="process", choices=("process", "container"))
-    parser.add_argument("--reward", default="shapes_geneval")
+    parser.add_argument("--reward", default=None, help="one reward alone (default: the params file's rewards)")
+    parser.add_argument("--reward-url", default=None, help="a reward service (token from $ELBORL_REWARD_TOKEN)")
     parser.add_argument("--base-model", default=None, help="a published base model (default: pretrain one)")
     parser.add_argument("--run-name", default="run")
     parser.add_argument("--launcher", default=None)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     result = campaign(args.root, args.params, args.rounds, args.mode, args.reward, args.base_model, args.run_name,
-                      args.launcher, args.threads)
+                      args.launcher, args.threads, reward_url=args.reward_url)
     print(json.dumps({name: summary["overall"] for name, summary in result["scores"].items()}))
 
 

@@ -39,9 +39,9 @@ STAGE_OPTIONS = {
     "prepare_prompts": ("out",),
     "pretrain": ("out", "cache"),
     "rollout": ("run", "round", "base_model", "prompts", "cache"),
-    "score": ("run", "round", "reward", "cache"),
+    "score": ("run", "round", "reward", "reward_url", "cache"),
     "update": ("run", "round", "base_model", "cache"),
-    "evaluate": ("model", "policy_state", "prompts", "prompt_file", "out", "name", "cache"),
+    "evaluate": ("model", "policy_state", "prompts", "prompt_set", "prompt_file", "metrics", "out", "name", "cache"),
 }
 
 DEFAULT_LAUNCHER = shlex.quote(sys.executable) + " -m stages.{stage}"

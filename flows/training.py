@@ -1,13 +1,14 @@
 """The training flow: RL rounds of rollout -> score -> update (elborl/rounds.py), from the first incomplete round.
 
     python -m flows.training --run artifacts/runs/a --base-model artifacts/base --prompts artifacts/prompts \\
-        [--params params.yaml] [--rounds N] [--mode process|container] [--reward shapes_geneval]
+        [--params params.yaml] [--rounds N] [--mode process|container] [--reward NAME] [--reward-url URL]
 
 Each round is three Prefect tasks, each publishing one artifact under `<run>/round-R/<stage>`; a stage whose
 artifact is published is skipped, so a killed or failed flow run resumes where it stopped when run again.
 Per round the flow measures its wall time against the compute time the stages record in their manifests
 (`meta.seconds`) and publishes the orchestration overhead (Prefect + artifact I/O, + process start in
-container mode) as a table artifact.
+container mode) as a table artifact. The reward is the params file's `rewards:` section, or `reward` (one
+registered reward) alone; with `reward_url` a reward service computes it (token from $ELBORL_REWARD_TOKEN only).
 """
 
 from __future__ import annotations
@@ -27,13 +28,14 @@ from flows.common import (
 class RoundJobs:
     """Everything a round's stages need, built once per flow run (one policy per run in process mode)."""
 
-    def __init__(self, run, base_model, prompts, params_path, reward, mode, launcher, threads, cache):
+    def __init__(self, run, base_model, prompts, params_path, reward, mode, launcher, threads, cache, reward_url=None):
         from elborl.config import load_params
         from elborl.rounds import RunContext
 
         check_mode(mode)
         self.run, self.base_model, self.prompts = run, base_model, prompts
-        self.params_path, self.reward, self.mode, self.launcher = params_path, reward, mode, launcher
+        self.params_path, self.reward, self.reward_url = params_path, reward, reward_url
+        self.mode, self.launcher = mode, launcher
         self.threads, self.cache = threads, cache
         self.ctx = RunContext(run, load_params(params_path), base_model, prompts, cache=cache)
         self._reward_fn = None
@@ -41,14 +43,14 @@ class RoundJobs:
     def options(self, stage: str, round_index: int) -> dict:
         common = {"run": self.run, "round": round_index, "cache": self.cache}
         return {"rollout": {**common, "base_model": self.base_model, "prompts": self.prompts},
-                "score": {**common, "reward": self.reward},
+                "score": {**common, "reward": self.reward, "reward_url": self.reward_url},
                 "update": {**common, "base_model": self.base_model}}[stage]
 
     def reward_fn(self):
         if self._reward_fn is None:
-            from elborl.rewards import make_reward
+            from elborl.rewards import reward_from_params
 
-            self._reward_fn = make_reward(self.reward)
+            self._reward_fn = reward_from_params(self.ctx.params.rewards, url=self.reward_url, only=self.reward)
         return self._reward_fn
 
     def execute(self, stage: str, round_index: int) -> dict:
@@ -108,9 +110,12 @@ def _scalar_metrics(rows: list[dict]) -> list[dict]:
 
 @flow(name="train-rounds", log_prints=True)
 def train_rounds(run: str, base_model: str, prompts: str, params_path: str = "params.yaml", rounds: int | None = None,
-                 mode: str = "process", reward: str = "shapes_geneval", launcher: str | None = None,
-                 threads: int | None = None, cache: str | None = None) -> dict:
+                 mode: str = "process", reward: str | None = None, launcher: str | None = None,
+                 threads: int | None = None, cache: str | None = None, reward_url: str | None = None) -> dict:
     """RL rounds from the first incomplete one up to `rounds` (default: rl.epochs of the params file).
+
+    The reward is the params file's `rewards:` section, or `reward` alone; with `reward_url` a reward service
+    computes it (the score stage's --reward-url; token from $ELBORL_REWARD_TOKEN).
 
     mode="process" runs the stages in this process; mode="container" runs each as a job (`launcher`, default
     the local `python -m stages.<stage>`; see flows/common.py). Returns the run, the round it resumed at, the
@@ -125,7 +130,7 @@ def train_rounds(run: str, base_model: str, prompts: str, params_path: str = "pa
         import torch
 
         torch.set_num_threads(threads)
-    jobs = RoundJobs(run, base_model, prompts, params_path, reward, mode, launcher, threads, cache)
+    jobs = RoundJobs(run, base_model, prompts, params_path, reward, mode, launcher, threads, cache, reward_url)
     total = rounds if rounds is not None else jobs.ctx.params.rl.epochs
     start = jobs.ctx.completed_rounds()
     if start:
@@ -162,13 +167,14 @@ def main(argv=None) -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--mode", default="process", choices=("process", "container"))
-    parser.add_argument("--reward", default="shapes_geneval")
+    parser.add_argument("--reward", default=None, help="one reward alone (default: the params file's rewards)")
+    parser.add_argument("--reward-url", default=None, help="a reward service (token from $ELBORL_REWARD_TOKEN)")
     parser.add_argument("--launcher", default=None)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--cache", default=None)
     args = parser.parse_args(argv)
     result = train_rounds(args.run, args.base_model, args.prompts, args.params, args.rounds, args.mode, args.reward,
-                          args.launcher, args.threads, args.cache)
+                          args.launcher, args.threads, args.cache, args.reward_url)
     for row in result["overhead"]:
         print(row)
 

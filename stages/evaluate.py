@@ -1,14 +1,21 @@
-"""Stage: sample held-out prompts (4 images each), score them with shapes-GenEval, publish the scores.
+"""Stage: sample held-out prompts (images_per_prompt images each), score them, publish the scores.
 
 The model is the base model, or with --policy-state a round's update artifact evaluated with its EMA weights,
 or with --run the update of the run's last completed round (the final policy; what DVC's pipeline evaluates).
-Publishes scores.json (per task and overall), images.jsonl (per image) and grid.png at --out."""
+The prompts are a prompt-set artifact (--prompts, --prompt-file) or a registered held-out set (--prompt-set:
+shapes_geneval, geneval, ocr, drawbench). The score is shapes-GenEval's strict score, or with --metrics any
+rewards of elborl.rewards by name (model weights from the params file's rewards.paths), averaged per task.
+Publishes scores.json and scores.md (per task and overall), images.jsonl (per image) and grid.png at --out."""
+
+import contextlib
 
 from elborl.checkpoint import read_state
-from elborl.evaluate import evaluate, format_table, write_evaluation
+from elborl.evaluate import evaluate, evaluate_metrics, format_table, write_evaluation
 from elborl.geneval.prompts import read_jsonl
 from elborl.models import load_backbone
 from elborl.policy import Policy
+from elborl.prompt_sets import PROMPT_SETS, prompt_set
+from elborl.rewards import check_reward_name, configured_reward
 from elborl.rounds import RunContext, round_uri
 from stages._common import fetch, publish, run_stage, stage_parser
 
@@ -23,22 +30,33 @@ def final_policy_state(run: str, params, cache: str | None = None) -> str:
 
 def main(args, params) -> None:
     policy_state = final_policy_state(args.run, params, args.cache) if args.run else args.policy_state
+    names = [name.strip() for name in (args.metrics or "").split(",") if name.strip()]
+    for name in names:
+        check_reward_name(name, "--metrics")
 
     def write(directory):
         model = load_backbone(fetch(args.model, args.cache))
-        metas = read_jsonl(fetch(args.prompts, args.cache) / args.prompt_file)
+        if args.prompt_set:
+            metas = prompt_set(args.prompt_set)
+        else:
+            metas = read_jsonl(fetch(args.prompts, args.cache) / args.prompt_file)
+        weights = contextlib.nullcontext()
         if policy_state:
             print(f"policy: EMA weights of {policy_state}")
             policy = Policy(model, params.policy)
             read_state(fetch(policy_state, args.cache), policy)
-            with policy.ema_weights():
+            weights = policy.ema_weights()
+        with weights:
+            if names:
+                metrics = {name: configured_reward(name, params.rewards) for name in names}
+                summary, records, images = evaluate_metrics(model, metas, params.evaluate, metrics)
+            else:
                 summary, records, images = evaluate(model, metas, params.evaluate)
-        else:
-            summary, records, images = evaluate(model, metas, params.evaluate)
         write_evaluation(directory, summary, records, images)
-        print(format_table({args.name: summary}))
+        print(format_table(summary["metrics"] if names else {args.name: summary}))
 
-    publish(args.out, write, {"stage": "evaluate", "model": args.model, "policy_state": policy_state})
+    publish(args.out, write, {"stage": "evaluate", "model": args.model, "policy_state": policy_state,
+                              "prompts": args.prompt_set or args.prompts, "metrics": names or ["geneval_strict"]})
 
 
 if __name__ == "__main__":
@@ -47,8 +65,12 @@ if __name__ == "__main__":
     policy = parser.add_mutually_exclusive_group()
     policy.add_argument("--policy-state", default=None, help="artifact URI of a round's update (EMA weights used)")
     policy.add_argument("--run", default=None, help="a run's prefix: evaluate its last completed round's update")
-    parser.add_argument("--prompts", required=True, help="artifact URI of the prompt sets")
+    prompts = parser.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompts", default=None, help="artifact URI of the prompt sets")
+    prompts.add_argument("--prompt-set", default=None, choices=sorted(PROMPT_SETS), help="a registered held-out set")
     parser.add_argument("--prompt-file", default="test.jsonl", help="file in the prompts artifact")
+    parser.add_argument("--metrics", default=None,
+                        help="comma-separated reward names, e.g. clipscore,aesthetic (default: shapes-GenEval strict)")
     parser.add_argument("--out", required=True, help="artifact URI (local path or s3://) for the scores and grid")
     parser.add_argument("--name", default="model", help="column name in the printed table")
     parser.add_argument("--cache", default=None, help="local cache for s3:// artifacts")

@@ -1,18 +1,20 @@
 """Stage: a whole RL run in one process — rounds of rollout, score and update until rl.epochs.
 
+The reward is params.yaml's `rewards:` section (or --reward NAME alone; --reward-url: through a reward service).
 Resumes at the first round without a published update; writes the per-round metrics to --metrics (JSONL)."""
 
 import json
 from pathlib import Path
 
-from elborl.rewards import REWARDS, make_reward
+from elborl.rewards import reward_from_params
 from elborl.rounds import RunContext, round_metrics, run_rounds
-from stages._common import run_stage, stage_parser
+from stages._common import add_reward_options, run_stage, stage_parser
 
 
 def main(args, params) -> None:
     ctx = RunContext(args.run, params, args.base_model, args.prompts, cache=args.cache)
-    done = run_rounds(ctx, make_reward(args.reward), args.rounds)
+    with reward_from_params(params.rewards, url=args.reward_url, only=args.reward) as reward:
+        done = run_rounds(ctx, reward, args.rounds)
     print(f"{ctx.run}: {done} rounds published")
     if args.metrics:
         Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
@@ -25,7 +27,7 @@ if __name__ == "__main__":
     parser.add_argument("--base-model", required=True, help="artifact URI of the base model")
     parser.add_argument("--prompts", required=True, help="artifact URI holding train.jsonl")
     parser.add_argument("--rounds", type=int, default=None, help="rounds to reach (default: rl.epochs)")
-    parser.add_argument("--reward", default="shapes_geneval", choices=sorted(REWARDS))
+    add_reward_options(parser)
     parser.add_argument("--metrics", default=None, help="local JSONL file for the per-round metrics")
     parser.add_argument("--cache", default=None, help="local cache for s3:// artifacts")
     run_stage(main, parser)

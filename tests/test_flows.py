@@ -123,6 +123,8 @@ def test_a_stage_is_one_command_line_in_every_mode():
     argv = stage_argv("score", "p.yaml", 1, run="s3://b/run", round=3, reward="shapes_geneval")
     assert argv == ["--params", "p.yaml", "--threads", "1", "--run", "s3://b/run", "--round", "3",
                     "--reward", "shapes_geneval"]
+    assert stage_argv("score", "p.yaml", 1, run="r", round=0, reward_url="http://127.0.0.1:8765")[-2:] == [
+        "--reward-url", "http://127.0.0.1:8765"]
     assert stage_command("score", argv)[1:3] == ["-m", "stages.score"]
     docker = stage_command("score", argv, "docker run --rm --gpus all elborl-{stage}:{version}")
     assert docker == ["docker", "run", "--rm", "--gpus", "all", f"elborl-score:{VERSION}", *argv]
@@ -249,6 +251,27 @@ def test_a_killed_flow_resumes_at_the_next_round_without_redoing_finished_ones(t
     assert "round 1 rollout (already published, skipped)" in logs
     # killed and resumed, the run ends where the uninterrupted one did
     assert weights_digest(run / "round-00001" / "update") == weights_digest(two_rounds["run"] / "round-00001" / "update")
+
+
+def test_the_score_task_can_call_a_reward_service(prefect_server, inputs, monkeypatch):
+    from elborl.rewards import make_reward
+    from elborl.rewards.service import RewardService, ServiceConfig, create_app, serve_in_background
+    from elborl.rounds import _read_rollout, read_images
+
+    token = "flow-test-token-0123"
+    service = RewardService(ServiceConfig(("shapes_geneval",), token=token))
+    monkeypatch.setenv("ELBORL_REWARD_TOKEN", token)  # the token travels in the environment only
+    with serve_in_background(create_app(service)) as url:
+        state = train(inputs, "served", rounds=1, reward_url=url, return_state=True)
+    service.close()
+    assert state.result()["rounds_completed"] == 1
+    round_dir = inputs["root"] / "store" / "served" / "round-00000"
+    ro, rows = _read_rollout(round_dir / "rollout")
+    assert service.stats["scored_images"] == len(rows)  # scored by the service, the same as in process
+    rewards = json.loads((round_dir / "score" / "rewards.json").read_text())["rewards"]
+    assert rewards == make_reward("shapes_geneval")(read_images(round_dir / "rollout", len(rows)), ro.metas).tolist()
+    logs = "\n".join(flow_logs(state.state_details.flow_run_id))
+    assert f"--reward-url {url}" in logs and token not in logs
 
 
 def test_a_non_transient_failure_fails_the_flow_without_retry(prefect_server, inputs, monkeypatch):

@@ -142,6 +142,22 @@ def test_shapes_test_set_counts():
     assert test == shapes_test_set()
 
 
+def test_held_out_prompt_sets_by_name():
+    from elborl.prompt_sets import DRAWBENCH, PROMPT_SETS, prompt_set
+    from elborl.rewards.ocr import target_text
+
+    assert set(PROMPT_SETS) == {"shapes_geneval", "geneval", "ocr", "drawbench"}
+    assert prompt_set("shapes_geneval") == shapes_test_set() and len(prompt_set("geneval")) == 553
+    assert {r["tag"] for r in prompt_set("ocr")} == {"ocr"}
+    drawbench = prompt_set("drawbench")
+    assert len(drawbench) == 40 and len({r["prompt"] for r in drawbench}) == 40
+    assert [r["tag"] for r in drawbench[::4]] == list(DRAWBENCH) and len(DRAWBENCH) == 10
+    assert all(set(r) == {"tag", "prompt", "include", "exclude"} for r in drawbench)
+    assert all(target_text(r) for r in drawbench if r["tag"] == "text")  # the OCR reward can score them
+    with pytest.raises(ValueError, match="unknown prompt set 'parti'"):
+        prompt_set("parti")
+
+
 def test_train_set_is_disjoint_from_test_set():
     test_prompts = {r["prompt"] for r in shapes_test_set()}
     for seed in (0, 1, 2):

@@ -11,12 +11,14 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from elborl.config import ParamsError, load_params, parse_params
+from elborl.geneval.prompts import shapes_test_set
 from elborl.objectives import group_advantages
 from elborl.rewards import REWARDS, MultiReward, RewardsConfig, make_reward, prompt_groups, reward_from_params
 from elborl.rewards import clip_family as cf
 from elborl.rewards.jpeg import jpeg_compressibility, jpeg_incompressibility
 from elborl.rewards.ocr import (OCR_TAG, is_test_text, levenshtein, normalise_text, ocr_prompts, ocr_test_set,
                                 target_text, text_reward)
+from elborl.shapes.render import render_batch
 
 RNG = np.random.default_rng(0)
 NOISE = RNG.integers(0, 256, (3, 40, 48, 3), dtype=np.uint8)
@@ -219,6 +221,14 @@ def test_rewards_from_params():
     np.testing.assert_allclose(reward_from_params(config)(flat_and_noise, [{"prompt": "a"}] * 2), 0.0, atol=1e-6)
     single = reward_from_params(load_params("params.yaml").rewards)
     assert single.names == ["shapes_geneval"] and single.aggregate == "weighted_sum"
+    # the default params train on exactly the shapes-GenEval reward, bit for bit
+    metas = shapes_test_set()[::4]
+    images = render_batch(metas, seed=3)
+    images[::2] = images[1::2]  # half the images show another prompt: rewards vary
+    expected = make_reward("shapes_geneval")(images, metas)
+    assert len(set(expected.tolist())) > 1 and np.array_equal(single(images, metas), expected)
+    alone = reward_from_params(config, only="jpeg_incompressibility")  # a stage's --reward override
+    assert alone.names == ["jpeg_incompressibility"] and alone.weights.tolist() == [1.0]
 
 
 # --- registry and params --------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import torch
 
 from elborl.models.shapes_model import ShapesFlowModel
 from elborl.policy import Policy, PolicyConfig
+from elborl.rewards import MultiReward, make_reward
 from elborl.rl import RLConfig, rollout, train, update, make_optimizer
 
 from conftest import TINY
@@ -98,3 +99,11 @@ def test_held_out_evaluations_start_before_training_and_end_with_the_final_polic
     train(tiny_policy(), METAS, brightness, config, tmp_path, count_evaluations, eval_every=2, progress=False,
           initial_eval={"overall": 0.0})
     assert [(r["epoch"], r["overall"]) for r in rows(tmp_path / "eval.jsonl")] == [(0, 0.0), (2, 1.0), (3, 2.0)]
+
+
+def test_a_multi_reward_logs_the_mean_of_each_reward(tmp_path):
+    reward = MultiReward({"brightness": brightness, "jpeg": make_reward("jpeg_compressibility")},
+                         {"brightness": 1.0, "jpeg": 0.0})  # weight 0: logged, not trained on
+    train(tiny_policy(), METAS, reward, small_config(epochs=1), tmp_path, progress=False)
+    row = rows(tmp_path / "metrics.jsonl")[0]
+    assert row["score/brightness"] == pytest.approx(row["reward_mean"]) and row["score/jpeg"] < 0

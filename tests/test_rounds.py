@@ -7,6 +7,7 @@ from elborl.config import Params
 from elborl.geneval.prompts import write_jsonl
 from elborl.models.shapes_model import ShapesFlowModel
 from elborl.policy import Policy, PolicyConfig
+from elborl.rewards import MultiReward, make_reward
 from elborl.rl import train
 from elborl.rounds import RunContext, round_metrics, round_uri, rollout_stage, run_rounds, score_stage, update_stage
 from elborl.store import ArtifactStore
@@ -34,9 +35,9 @@ def context(tmp_path, root: str, epochs: int = 2, log=print) -> RunContext:
     return RunContext(f"{root}/run", params, base, prompts, cache=tmp_path / "cache", log=log)
 
 
-def assert_same_as_one_process_loop(ctx: RunContext, tmp_path, epochs: int):
+def assert_same_as_one_process_loop(ctx: RunContext, tmp_path, epochs: int, reward=brightness):
     straight = Policy(ShapesFlowModel.from_pretrained(tmp_path / "base"), POLICY)
-    train(straight, METAS, brightness, small_config(epochs=epochs, checkpoint_every=100), tmp_path / "straight",
+    train(straight, METAS, reward, small_config(epochs=epochs, checkpoint_every=100), tmp_path / "straight",
           progress=False)
     staged, _ = ctx.policy_after(epochs - 1)
     expected, got = straight.state_dict(), staged.state_dict()
@@ -46,8 +47,12 @@ def assert_same_as_one_process_loop(ctx: RunContext, tmp_path, epochs: int):
 
 def test_rounds_of_stages_give_exactly_the_one_process_loop(tmp_path):
     ctx = context(tmp_path, str(tmp_path / "store"))
-    assert run_rounds(ctx, brightness, progress=False) == 2
-    assert_same_as_one_process_loop(ctx, tmp_path, epochs=2)
+    # several rewards: the per-reward means (score/<name>) reach the rounds' metrics as they reach the loop's
+    reward = MultiReward({"brightness": brightness, "jpeg": make_reward("jpeg_compressibility")},
+                         {"brightness": 1.0, "jpeg": 0.0})
+    assert run_rounds(ctx, reward, progress=False) == 2
+    assert_same_as_one_process_loop(ctx, tmp_path, epochs=2, reward=reward)
+    assert {"score/brightness", "score/jpeg"} <= round_metrics(ctx)[0].keys()
     samples = [json.loads(line) for line in open(tmp_path / "store/run/round-00001/rollout/samples.jsonl")]
     assert {"prompt", "seed", "group", "sampler", "steps", "shift", "guidance"} <= samples[0].keys()
 

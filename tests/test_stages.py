@@ -31,7 +31,17 @@ def test_stages_chain_into_a_round_and_skip_what_is_published(tmp_path):
     assert "overall" in out
     scores = json.loads((store / "eval/scores.json").read_text())
     assert set(scores["tasks"]) == {"single_object", "two_object", "counting", "colors", "position", "color_attr"}
-    for artifact in ("prompts", "base", "run/round-00000/rollout", "run/round-00000/score", "run/round-00000/update", "eval"):
+    assert (store / "eval/scores.md").read_text().startswith("| task | geneval_strict |")
+
+    # any metrics on a registered held-out set
+    out = stage("evaluate", "--model", base, "--prompt-set", "shapes_geneval", "--metrics",
+                "jpeg_compressibility,shapes_geneval", "--out", store / "eval-metrics", params=params)
+    assert "jpeg_compressibility" in out and "overall" in out
+    metrics = json.loads((store / "eval-metrics/scores.json").read_text())["metrics"]
+    assert set(metrics) == {"jpeg_compressibility", "shapes_geneval"}
+    assert set(metrics["shapes_geneval"]["tasks"]) == set(scores["tasks"]) and metrics["jpeg_compressibility"]["overall"] < 0
+    for artifact in ("prompts", "base", "run/round-00000/rollout", "run/round-00000/score", "run/round-00000/update", "eval",
+                     "eval-metrics"):
         assert (store / artifact / "manifest.json").exists(), artifact
 
     again = stage("rollout", "--run", run, "--round", 0, "--base-model", base, "--prompts", prompts, params=params)

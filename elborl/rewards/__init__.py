@@ -15,8 +15,9 @@ their modules lazily, so importing this package stays light (numpy only).
 | jpeg_compressibility   | jpeg             | quality                                              |
 | jpeg_incompressibility | jpeg             | quality                                              |
 
-Several rewards at once: `MultiReward` (or `reward_from_params(params.rewards)`) with per-reward weights w_i
-and one of two aggregations (`params.yaml`: `rewards: {aggregate, weights, paths}`):
+Several rewards at once: `MultiReward` (or `reward_from_params(params.rewards)`, the training reward of every
+entry point) with per-reward weights w_i and one of two aggregations (`params.yaml`: `rewards: {aggregate, weights,
+paths}`):
 
 - weighted_sum: R = Σ w_i R_i per sample; the training loop's advantages are then taken of R as usual.
 - advantages:   Σ w_i · z_i with z_i = (R_i − mean_group R_i) / std_batch(R_i), each reward normalised on its own
@@ -28,11 +29,12 @@ and one of two aggregations (`params.yaml`: `rewards: {aggregate, weights, paths
                 `last_scores`. Needs whole groups in one call (a rollout batch). `advantages(scores, group_ids,
                 mode, scale, clip)` is the general form: Σ w_i · group_advantages(R_i) with explicit group ids.
 
-A weight of 0 keeps a reward computed (in `last_scores`) but out of training.
+A weight of 0 keeps a reward computed (in `last_scores`, logged by the training loop as `score/<name>`) but out
+of training.
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -206,12 +208,38 @@ class MultiReward:
     def __call__(self, images: np.ndarray, metas: list[dict]) -> np.ndarray:
         return self.combine(self.scores(images, metas), prompt_groups(metas))
 
+    def close(self) -> None:
+        """Closes the rewards that hold connections (reward service clients)."""
+        for reward in self.rewards.values():
+            if hasattr(reward, "close"):
+                reward.close()
 
-def reward_from_params(config: RewardsConfig) -> MultiReward:
-    """The MultiReward that params.yaml's `rewards:` section describes (each model from rewards.paths)."""
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def configured_reward(name: str, config: RewardsConfig):
+    """The reward `name`, its model weights from `config.paths` (params.yaml rewards.paths.<name>) when given."""
+    return make_reward(name, **({"path": config.paths[name]} if name in config.paths else {}))
+
+
+def reward_from_params(config: RewardsConfig, url: str | None = None, only: str | None = None) -> MultiReward:
+    """The MultiReward that params.yaml's `rewards:` section describes (each model from rewards.paths).
+
+    only: this one reward alone at weight 1 instead of `config.weights` (a stage's --reward override).
+    url: each reward is computed by the reward service at `url` (`RewardClient`, token from $ELBORL_REWARD_TOKEN)
+    instead of in this process; weights and aggregation still apply here.
+    """
+    if only is not None:
+        config = replace(config, weights={only: 1.0})
     config.validate()
-    rewards = {}
-    for name in config.weights:
-        extra = {"path": config.paths[name]} if name in config.paths else {}
-        rewards[name] = make_reward(name, **extra)
+    if url is not None:
+        from elborl.rewards.service import RewardClient
+
+        rewards = {name: RewardClient(url, name) for name in config.weights}
+    else:
+        rewards = {name: configured_reward(name, config) for name in config.weights}
     return MultiReward(rewards, config.weights, config.aggregate)

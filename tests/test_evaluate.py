@@ -1,0 +1,41 @@
+"""Evaluation of any set of metrics (elborl/evaluate.py) on a held-out prompt set, on the tiny untrained model."""
+
+import json
+
+import numpy as np
+
+from elborl.evaluate import EvalConfig, evaluate, evaluate_metrics, write_evaluation
+from elborl.prompt_sets import prompt_set
+from elborl.rewards import make_reward
+
+CONFIG = EvalConfig(images_per_prompt=2, steps=2)
+
+
+def test_metrics_are_averaged_per_task_and_written_as_tables(tiny_model, tmp_path):
+    metas = prompt_set("shapes_geneval")[::6]  # 11 prompts, every task
+    metrics = {"shapes_geneval": make_reward("shapes_geneval"), "jpeg_compressibility": make_reward("jpeg_compressibility")}
+    summary, records, images = evaluate_metrics(tiny_model, metas, CONFIG, metrics, progress=False)
+    strict, strict_records, strict_images = evaluate(tiny_model, metas, CONFIG, progress=False)
+    assert np.array_equal(images, strict_images)  # one sampler: the same seeds give the same images
+    assert summary["n_images"] == len(records) == 2 * len(metas)
+    dense = summary["metrics"]["shapes_geneval"]
+    for task, mean in dense["tasks"].items():
+        expected = np.mean([r["reward"] for r in strict_records if r["tag"] == task])
+        assert np.isclose(mean, expected), task
+    assert list(dense["tasks"]) == list(dict.fromkeys(m["tag"] for m in metas))
+    assert np.isclose(dense["overall"], np.mean(list(dense["tasks"].values())))  # tasks count equally
+    jpeg = [r["jpeg_compressibility"] for r in records]
+    assert all(value < 0 for value in jpeg)
+
+    written = write_evaluation(tmp_path, summary, records, images)
+    assert json.loads(written["scores"].read_text()) == summary
+    table = written["table"].read_text().splitlines()
+    assert table[0] == "| task | shapes_geneval | jpeg_compressibility |" and table[-1].startswith("| overall |")
+    assert len(table) == 2 + len(dense["tasks"]) + 1 and written["grid"].stat().st_size > 0
+
+
+def test_a_drawbench_style_set_is_scored_per_category(tiny_model):
+    summary, _, _ = evaluate_metrics(tiny_model, prompt_set("drawbench")[::2], EvalConfig(images_per_prompt=1, steps=2),
+                                     {"jpeg_compressibility": make_reward("jpeg_compressibility")}, progress=False)
+    tasks = summary["metrics"]["jpeg_compressibility"]["tasks"]
+    assert len(tasks) == 10 and "misspellings" in tasks and all(np.isfinite(v) for v in tasks.values())
