@@ -295,3 +295,14 @@ def test_the_cli_refuses_to_serve_without_a_token_or_unauthenticated_off_loopbac
     with pytest.raises(SystemExit) as raised:
         service_main(["--rewards", "no_such_reward"])
     assert "unknown reward" in str(raised.value.code) and TOKEN not in str(raised.value.code)
+
+
+def test_the_service_builds_rewards_with_the_weights_params_name(tmp_path):
+    from elborl.rewards.service import params_factory
+
+    params = tmp_path / "params.yaml"
+    params.write_text("rewards:\n  weights: {shapes_geneval: 1.0}\n  paths: {clipscore: " + str(tmp_path / "missing") + "}\n")
+    factory = params_factory(str(params))
+    assert callable(factory("jpeg_compressibility"))
+    with pytest.raises(Exception, match="missing"):
+        factory("clipscore")  # the path from rewards.paths reaches the loader

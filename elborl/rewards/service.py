@@ -527,6 +527,15 @@ class RewardClient:
 # CLI
 
 
+def params_factory(params_path: str):
+    """name -> reward built with its weights from the params file's rewards.paths (validated at startup)."""
+    from elborl.config import load_params
+    from elborl.rewards import configured_reward
+
+    rewards_config = load_params(params_path).rewards
+    return lambda name: configured_reward(name, rewards_config)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m elborl.rewards.service", description=__doc__.split("\n\n")[0],
                                      epilog=f"The bearer token is read from ${TOKEN_ENV} (or --token-file), never "
@@ -543,6 +552,8 @@ def main(argv=None) -> None:
     parser.add_argument("--retry-after", type=float, default=1.0, help="seconds sent in Retry-After with 429 (1)")
     parser.add_argument("--preload", action="store_true", help="build the rewards at startup, not on first use")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads for the rewards")
+    parser.add_argument("--params", default=None,
+                        help="params.yaml whose rewards.paths give the rewards' model weights (local or s3://)")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -558,7 +569,8 @@ def main(argv=None) -> None:
         check_bind(args.host, token, args.insecure_no_auth)
         config = ServiceConfig(rewards=tuple(r.strip() for r in args.rewards.split(",") if r.strip()), token=token,
                                max_request_bytes=int(args.max_request_mb * MiB), max_images=args.max_images,
-                               max_pixels=args.max_pixels, max_pending=args.max_pending, retry_after=args.retry_after)
+                               max_pixels=args.max_pixels, max_pending=args.max_pending, retry_after=args.retry_after,
+                               factory=params_factory(args.params) if args.params else None)
         service = RewardService(config)
     except (OSError, ValueError) as error:
         sys.exit(f"{parser.prog}: error: {error}")
