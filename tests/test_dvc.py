@@ -139,21 +139,21 @@ def test_repro_runs_end_to_end_then_is_a_noop_and_a_forced_run_reproduces_the_sa
 
 def test_an_experiment_with_a_changed_parameter_reruns_only_what_depends_on_it(reproduced, tmp_path):
     repo = copy_repo(reproduced[0], tmp_path / "repo")
-    result = dvc(repo, "exp", "run", "-S", "rl.lr=1e-3", "-n", "lr-1e-3")
+    result = dvc(repo, "exp", "run", "-S", "rl.lr=5e-4", "-n", "lr-5e-4")
     for name in ("prepare_prompts", "pretrain", "evaluate_base"):
         assert f"Running stage '{name}'" not in result.stdout, result.stdout
     for name in ("train", "evaluate_final", "report"):
         assert f"Running stage '{name}'" in result.stdout, result.stdout
-    assert yaml.safe_load((repo / "params.yaml").read_text())["rl"]["lr"] == 1e-3  # applied to the workspace
+    assert yaml.safe_load((repo / "params.yaml").read_text())["rl"]["lr"] == 5e-4  # applied to the workspace
 
     shown = dvc(repo, "exp", "show", "--json").stdout
     experiments = [rev for entry in json.loads(shown) for exp in entry.get("experiments") or []
-                   for rev in exp["revs"] if rev.get("name") == "lr-1e-3"]
+                   for rev in exp["revs"] if rev.get("name") == "lr-5e-4"]
     assert len(experiments) == 1, shown[:3000]
     data = experiments[0]["data"]
-    assert data["params"]["params.yaml"]["data"]["rl"]["lr"] == 1e-3
+    assert data["params"]["params.yaml"]["data"]["rl"]["lr"] == 5e-4
     assert data["metrics"]["pipeline/metrics.json"]["data"]["train"]["rounds"] == TINY_PARAMS["rl"]["epochs"]
-    assert "lr-1e-3" in dvc(repo, "exp", "show", "--no-pager", "--md").stdout
+    assert "lr-5e-4" in dvc(repo, "exp", "show", "--no-pager", "--md").stdout
 
 
 def test_push_to_s3_then_pull_into_a_fresh_clone_and_into_an_emptied_cache(reproduced, s3_env, tmp_path, monkeypatch):
