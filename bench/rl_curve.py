@@ -3,7 +3,8 @@
     .venv/bin/python bench/rl_curve.py --minutes 15 [--set rl.lr=1e-3 --set policy.finetune=full ...]
 
 Prints one row per evaluation (training minutes, overall, per task), the gain over the base model, and the
-time to +0.15 / +0.25. Wall-clock counts rollout + reward + update, not the held-out evaluations.
+time to +0.15 / +0.25, and writes curves.png and the final EMA policy's grid (final/grid.png). Wall-clock counts
+rollout + reward + update, not the held-out evaluations.
 """
 
 from dataclasses import replace
@@ -15,6 +16,7 @@ import time
 import torch
 from elborl.config import load_params_with_overrides
 from elborl.embedded import fine_tune, prepare_prompts
+from elborl.evaluate import write_evaluation
 from elborl.geneval.types import TASKS
 from elborl.plots import plot_run, read_jsonl_rows
 from elborl.pretrain import ensure_base_model
@@ -36,7 +38,8 @@ def main() -> None:
     model, _ = ensure_base_model(params.base_model, params.pretrain, root / "base_model")
     out = Path(args.out)
     start = time.time()
-    fine_tune(model, train_set, test, params, out, max_train_seconds=args.minutes * 60)
+    _, final = fine_tune(model, train_set, test, params, out, max_train_seconds=args.minutes * 60)
+    final_written = write_evaluation(out / "final", *final)
     evals = read_jsonl_rows(out / "eval.jsonl")
     base = evals[0]["overall"]
     print(f"\nsettings: {json.dumps(args.set)}  wall {time.time() - start:.0f} s (incl. evaluations)")
@@ -48,6 +51,7 @@ def main() -> None:
         reached = [e for e in evals if e["overall"] - base >= gain]
         print(f"time to +{gain:.2f}: " + (f"{reached[0]['train_seconds'] / 60:.1f} min" if reached else "not reached"))
     print(f"curves: {plot_run(out, out / 'curves.png')}")
+    print(f"grid of the final EMA policy: {final_written['grid']}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""`params.yaml` → typed, validated settings. Unknown keys and bad values fail loudly, naming the key."""
+"""`params.yaml` → typed, validated settings. Unknown keys and bad values fail loudly, naming the key.
+
+RL methods are presets: `recipes:` maps a method's name to its rl settings (METHOD.md §3-§6), and
+`rl.recipe: NAME` lays that preset under the keys written in `rl:` (a key written there wins, so one
+setting of a method can be varied, e.g. `-S rl.kl_beta=1e-3`). Every preset is validated on its own.
+"""
 
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -30,6 +35,7 @@ class Params:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    recipes: dict = field(default_factory=dict)  # name -> rl settings (already applied to `rl` by `rl.recipe`)
     eval_every: int = 10  # RL epochs between held-out evaluations of the EMA policy (0 = only at the end)
     artifacts: str = "artifacts"
 
@@ -104,9 +110,45 @@ def _check(params: Params) -> None:
         raise ParamsError(f"base_model.channels must be multiples of 32 (group norm), got {params.base_model.channels}")
 
 
+def _parse_recipes(raw) -> dict[str, dict]:
+    """`recipes:` as {name: rl settings}; each preset must be a valid rl configuration by itself."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"recipes: expected a mapping of recipe names to rl settings, got {raw!r}")
+    for name, settings in raw.items():
+        where = f"recipes.{name}"
+        if not isinstance(settings, dict):
+            raise ParamsError(f"{where}: expected a mapping of rl settings, got {settings!r}")
+        if "recipe" in settings:
+            raise ParamsError(f"{where}: a recipe cannot name another recipe")
+        try:
+            _build(RLConfig, settings, where).validate()
+        except ValueError as error:
+            message = str(error)
+            raise ParamsError(message if message.startswith(where) else f"{where}: {message}") from None
+    return dict(raw)
+
+
+def apply_recipe(rl: dict, recipes: dict[str, dict]) -> dict:
+    """The rl settings with `rl.recipe`'s preset laid under them (no recipe or "": the settings unchanged)."""
+    name = rl.get("recipe", "")
+    if name == "":
+        return rl
+    if name not in recipes:
+        raise ParamsError(f"rl.recipe: unknown recipe {name!r}; expected one of {sorted(recipes)}")
+    return {**recipes[name], **rl}
+
+
 def parse_params(raw: dict | None, source: str = "params") -> Params:
     try:
-        params = _build(Params, raw or {}, "")
+        raw = raw or {}
+        recipes = {}
+        if isinstance(raw, dict):
+            raw = dict(raw)
+            recipes = _parse_recipes(raw.pop("recipes", None) or {})
+            if isinstance(raw.get("rl"), dict):
+                raw["rl"] = apply_recipe(raw["rl"], recipes)
+        params = _build(Params, raw, "")
+        params.recipes = recipes
         _check(params)
     except ParamsError as error:
         raise ParamsError(f"{source}: {error}") from None

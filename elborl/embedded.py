@@ -46,8 +46,10 @@ def fine_tune(model, train_set, test, params, run_dir: Path, max_train_seconds: 
     """RL from the base model with held-out evaluations of the EMA policy every `params.eval_every` epochs
     and after the last one (`base_summary`, when given, is the base model's and is not recomputed).
     Returns the policy and the final evaluation (summary, records, images)."""
-    print(f"RL fine-tuning: {params.rl.objective} + {params.rl.weighting} ELBO + {params.rl.steps}-step "
-          f"{params.rl.sampler}, {params.rl.epochs} epochs -> {run_dir}")
+    rl = params.rl
+    likelihood = f"{rl.weighting} ELBO" if rl.estimator == "elbo" else "trajectory log-prob"
+    print(f"RL fine-tuning ({rl.recipe or 'no recipe'}): {rl.objective} + {likelihood} + {rl.steps}-step "
+          f"{rl.sampler}, {rl.epochs} epochs -> {run_dir}")
     policy = Policy(model, params.policy)
     latest = []
 

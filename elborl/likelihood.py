@@ -1,4 +1,5 @@
-"""The ELBO likelihood estimator of METHOD.md §2, as pure tensor functions.
+"""The likelihood estimators of METHOD.md §1-§2 (the ELBO, and the trajectory's for the baselines), as pure
+tensor functions.
 
 One ELBO *term* is one (sample, t) pair: a final sample `x0`, a time `t` drawn from the rollout sampler's
 own times, a fresh noise `eps`, the noised `x_t = (1 - t) x0 + t eps` and the velocity `v` some model
@@ -11,6 +12,12 @@ Typical use for a batch of B final samples:
     x0_terms, t_terms = expand_to_terms(x0, times)                   # (B*K) x ..., B*K
     x_t, eps = perturb(x0_terms, t_terms, generator)
     elbo_now = elbo(v_current, x0_terms, x_t, eps, t_terms, "adaptive")
+
+The trajectory estimator (the paper's "Traj.", Flow-GRPO's) needs the whole stored SDE trajectory instead:
+one *term* is one (sample, step k) pair, the stored latents x at t_k and x_next at t_{k+1}, and its
+log-likelihood is the Gaussian log-density of x_next under the SDE step that a model's velocity at (x, t_k)
+defines (`trajectory_terms`, `trajectory_log_prob`). Both estimators give one value per term, higher is more
+likely, so the objectives take either.
 """
 
 import math
@@ -18,6 +25,9 @@ import math
 import torch
 from torch import Tensor
 
+from elborl.sampling import gaussian_log_prob, per_row, sde_step
+
+ESTIMATORS = ("elbo", "trajectory")
 WEIGHTINGS = ("adaptive", "t", "uniform", "exact")
 
 ADAPTIVE_WEIGHT_FLOOR = 1e-5  # §2: w is clipped below at 1e-5
@@ -53,15 +63,10 @@ def expand_to_terms(x0: Tensor, times: Tensor) -> tuple[Tensor, Tensor]:
     return x0.repeat_interleave(times.shape[1], dim=0), times.reshape(-1)
 
 
-def _per_row(t: Tensor, like: Tensor) -> Tensor:
-    """t (a scalar or one value per row) shaped to broadcast against a B x ... tensor."""
-    return t.to(like).reshape(-1, *([1] * (like.dim() - 1)))
-
-
 def perturb(x0: Tensor, t: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """§0/§2 forward process with fresh noise per term: returns (x_t = (1 - t) x0 + t eps, eps)."""
     eps = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype).to(x0.device)
-    t = _per_row(t, x0)
+    t = per_row(t, x0)
     return (1 - t) * x0 + t * eps, eps
 
 
@@ -72,7 +77,7 @@ def _mean_over_data(x: Tensor) -> Tensor:
 
 def clean_estimate(v: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
     """§0: x0_hat = x_t - t v."""
-    return x_t - _per_row(t, x_t) * v
+    return x_t - per_row(t, x_t) * v
 
 
 def adaptive_weight(x0_hat: Tensor, x0: Tensor) -> Tensor:
@@ -101,3 +106,31 @@ def elbo(v: Tensor, x0: Tensor, x_t: Tensor, eps: Tensor, t: Tensor, weighting: 
         t = t.to(squared).reshape(-1)
         return -((1 - t) / (t + EXACT_TIME_OFFSET)) * squared
     raise ValueError(f"unknown ELBO weighting {weighting!r}; expected one of {WEIGHTINGS}")
+
+
+# ---------------------------------------------------------------------------------------------- trajectory
+
+def trajectory_terms(trajectory: Tensor, log_probs: Tensor, grid: Tensor) -> tuple[Tensor, ...]:
+    """B stored SDE trajectories (B x (N + 1) x ...) -> B*(N − 1) step terms, sample-major like `expand_to_terms`.
+
+    Only the N − 1 stochastic steps are terms (the sampler's last step is deterministic). Returns per term
+    (x at t_k, x_next at t_{k+1}, t_k, t_{k+1}, the log-prob stored at rollout); term i is sample i // (N − 1),
+    step i % (N − 1). `grid` holds the sampler's N + 1 times (`sampling.time_grid`).
+    """
+    n_samples, n_points = trajectory.shape[:2]
+    stochastic_steps = n_points - 2
+    if grid.numel() != n_points or log_probs.shape != (n_samples, stochastic_steps):
+        raise ValueError(f"a trajectory of {n_points} latents needs {n_points} grid times and {stochastic_steps} "
+                         f"log-probs per sample, got {grid.numel()} and {tuple(log_probs.shape)}")
+    latent_shape = trajectory.shape[2:]
+    x = trajectory[:, :-2].reshape(-1, *latent_shape)
+    x_next = trajectory[:, 1:-1].reshape(-1, *latent_shape)
+    t, t_next = grid[:-2].repeat(n_samples), grid[1:-1].repeat(n_samples)
+    return x, x_next, t.to(trajectory), t_next.to(trajectory), log_probs.reshape(-1)
+
+
+def trajectory_log_prob(v: Tensor, x: Tensor, x_next: Tensor, t: Tensor, t_next: Tensor,
+                        noise_level: float) -> Tensor:
+    """§6: log p(x_next | x) under the SDE step the velocity v defines, mean over dims; one value per term."""
+    mean, std = sde_step(x, v, t, t_next, noise_level)
+    return gaussian_log_prob(x_next, mean, std)

@@ -1,19 +1,26 @@
-"""Policy-gradient objectives on the ELBO (METHOD.md §3), per loss term, minimised.
+"""Policy-gradient objectives (METHOD.md §3) and the baselines' (§6), per loss term, minimised.
 
-Every function takes one value per (sample, t) term (§2): `elbo_current` carries the gradient of the
-current policy θ, `elbo_old` comes from the old policy θ_old on the same x_t (no gradient; it is detached
-here anyway). With δ = stopgrad(ELBO_θ) − ELBO_old and ρ = exp(δ) (detached):
+The likelihood objectives take one value per term from either estimator (`elborl.likelihood`): an ELBO
+per (sample, t) term (§2) or a trajectory log-prob per (sample, step) term (§6). Written for the ELBO:
+`elbo_current` carries the gradient of the current policy θ, `elbo_old` comes from the old policy θ_old on
+the same x_t (no gradient; it is detached here anyway). With δ = stopgrad(ELBO_θ) − ELBO_old and
+ρ = exp(δ) (detached):
 
-    epg   −ρ · A · ELBO_θ
-    pepg  −ρ · (A − δ) · ELBO_θ
-    par   ½ · ρ · (A − (ELBO_θ − ELBO_old))²            (same gradient as pepg)
-    grpo  −min(r A, clip(r, 1 − ε, 1 + ε) A),  r = exp(ELBO_θ − ELBO_old) with gradient
+    epg        −ρ · A · ELBO_θ
+    pepg       −ρ · (A − δ) · ELBO_θ
+    par        ½ · ρ · (A − (ELBO_θ − ELBO_old))²            (same gradient as pepg)
+    grpo       −min(r A, clip(r, 1 − ε, 1 + ε) A),  r = exp(ELBO_θ − ELBO_old) with gradient
+    flow_grpo  the same PPO clip, on per-step trajectory log-probs against the log-probs *stored at rollout*
+               (Flow-GRPO, §6); the caller passes those as the "old" values
 
 `<name>_noratio` sets ρ = 1 for epg, pepg and par. There is no `grpo_noratio`: GRPO's ratio r *is* the
 objective (its gradient r A ∇ELBO_θ is where ρ comes from, and the clip acts on it), so dropping it leaves
 nothing that is GRPO — plain advantage-weighted likelihood is already `epg_noratio`.
 
-The KL penalty (§3, "+ β · mean_d (v_θ − v_ref)²") is separate: `kl_to_reference`, weighted by the caller.
+`nft` (DiffusionNFT, §6) is not a function of likelihood values but of velocities: `nft_loss`.
+
+The KL penalties are separate and weighted by the caller: `kl_to_reference` (§3, "+ β · mean_d (v_θ − v_ref)²")
+on ELBO terms, `kl_between_steps` (§6, ‖μ_θ − μ_ref‖² / (2 σ_t² |dt|)) on trajectory terms.
 """
 
 from dataclasses import dataclass
@@ -21,9 +28,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from elborl.likelihood import elbo
+from elborl.sampling import sde_step
+
 RATIO_OBJECTIVES = ("epg", "pepg", "par", "grpo")
 NORATIO_OBJECTIVES = ("epg_noratio", "pepg_noratio", "par_noratio")
-OBJECTIVES = RATIO_OBJECTIVES + NORATIO_OBJECTIVES
+LIKELIHOOD_OBJECTIVES = RATIO_OBJECTIVES + NORATIO_OBJECTIVES + ("flow_grpo",)  # what `policy_loss` computes
+OBJECTIVES = LIKELIHOOD_OBJECTIVES + ("nft",)
+CLIPPED_OBJECTIVES = ("grpo", "flow_grpo")  # PPO clip: the clip fraction is worth logging
 ADVANTAGE_MODES = ("recipe", "std")
 
 STD_FLOOR = 1e-6  # guards the global std of a batch whose rewards are (nearly) all equal
@@ -72,9 +84,11 @@ def group_advantages(rewards: Tensor, group_ids, mode: str = "recipe", scale: fl
 
 # ---------------------------------------------------------------------------------------------- losses
 
-def _check_objective(objective: str) -> None:
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
+def _check_objective(objective: str, valid: tuple[str, ...] = OBJECTIVES) -> None:
+    if objective == "nft" and "nft" not in valid:
+        raise ValueError("nft is not a likelihood-ratio objective: its loss is `nft_loss` on velocities")
+    if objective not in valid:
+        raise ValueError(f"unknown objective {objective!r}; expected one of {valid}")
 
 
 def log_ratio(elbo_current: Tensor, elbo_old: Tensor) -> Tensor:
@@ -99,11 +113,11 @@ def policy_loss(objective: str, elbo_current: Tensor, elbo_old: Tensor, advantag
     """§3: the loss of each term (shape B, to be minimised; the caller sums or averages).
 
     `advantages` holds each term's advantage (the advantage of the term's sample); `clip_range` is used by
-    grpo only. Unknown objectives raise ValueError.
+    grpo and flow_grpo only. Unknown objectives raise ValueError.
     """
-    _check_objective(objective)
+    _check_objective(objective, LIKELIHOOD_OBJECTIVES)
     advantages = advantages.to(elbo_current)
-    if objective == "grpo":
+    if objective in CLIPPED_OBJECTIVES:
         return grpo_loss(elbo_current, elbo_old, advantages, clip_range)
     delta = log_ratio(elbo_current, elbo_old)
     rho = importance_weight(objective, delta)
@@ -122,6 +136,44 @@ def kl_to_reference(v_current: Tensor, v_reference: Tensor) -> Tensor:
     return (diff ** 2).reshape(diff.shape[0], -1).mean(dim=1)
 
 
+def kl_between_steps(v_current: Tensor, v_reference: Tensor, x: Tensor, t: Tensor, t_next: Tensor,
+                     noise_level: float) -> Tensor:
+    """§6 Flow-GRPO's KL per trajectory term: ‖μ_θ − μ_ref‖² / (2 σ_t² |dt|), mean over dims — the KL between
+    the two Gaussian SDE steps from x (same std), gradient to v_θ only. The caller multiplies by β."""
+    mean, std = sde_step(x, v_current, t, t_next, noise_level)
+    mean_reference, _ = sde_step(x, v_reference.detach(), t, t_next, noise_level)
+    kl = (mean - mean_reference) ** 2 / (2 * std ** 2)
+    return kl.reshape(kl.shape[0], -1).mean(dim=1)
+
+
+# ---------------------------------------------------------------------------------------------- DiffusionNFT
+
+NFT_ADVANTAGE_CLIP = 5.0
+
+
+def nft_optimality(advantages: Tensor) -> Tensor:
+    """§6: the optimality probability r = clip(clip(A, −5, 5) / 10 + 0.5, 0, 1) of each term's sample."""
+    clipped = advantages.clamp(-NFT_ADVANTAGE_CLIP, NFT_ADVANTAGE_CLIP)
+    return (clipped / 10 + 0.5).clamp(0, 1)
+
+
+def nft_implicit_velocities(v_current: Tensor, v_old: Tensor, beta: float) -> tuple[Tensor, Tensor]:
+    """§6: v⁺ = b v_θ + (1 − b) sg(v_old), v⁻ = (1 + b) sg(v_old) − b v_θ; v⁺ and v⁻ mirror each other about v_old."""
+    v_old = v_old.detach()
+    return beta * v_current + (1 - beta) * v_old, (1 + beta) * v_old - beta * v_current
+
+
+def nft_loss(v_current: Tensor, v_old: Tensor, x0: Tensor, x_t: Tensor, eps: Tensor, t: Tensor,
+             optimality: Tensor, beta: float = 1.0, weighting: str = "adaptive", scale: float = 1.0) -> Tensor:
+    """§6 DiffusionNFT per term: scale · (r L(v⁺) + (1 − r) L(v⁻)) / b, with L(v) = −ELBO(v) on the term's x_t,
+    i.e. the adaptive x0-loss of §2 for the default weighting. The gradient reaches v_θ only."""
+    v_positive, v_negative = nft_implicit_velocities(v_current, v_old, beta)
+    loss_positive = -elbo(v_positive, x0, x_t, eps, t, weighting)
+    loss_negative = -elbo(v_negative, x0, x_t, eps, t, weighting)
+    optimality = optimality.to(loss_positive)
+    return scale * (optimality * loss_positive + (1 - optimality) * loss_negative) / beta
+
+
 # ---------------------------------------------------------------------------------------------- metrics
 
 @dataclass
@@ -129,7 +181,8 @@ class TermStats:
     """Running statistics of δ and the ratio exp(δ) over loss terms, mergeable across micro-batches.
 
     The ratio is exp(ELBO_θ − ELBO_old) whatever the objective (for `_noratio` objectives it is what ρ
-    would have been). `clipped` counts terms with |ratio − 1| > clip_range: only meaningful for grpo.
+    would have been). `clipped` counts terms with |ratio − 1| > clip_range: only meaningful for grpo and
+    flow_grpo.
     """
 
     terms: int = 0
@@ -159,11 +212,11 @@ class TermStats:
         )
 
     def summary(self, objective: str | None = None) -> dict[str, float]:
-        """Metrics: delta_mean, delta_abs_max, ratio_mean/min/max, and clip_fraction for grpo."""
+        """Metrics: delta_mean, delta_abs_max, ratio_mean/min/max, and clip_fraction for grpo and flow_grpo."""
         n = max(self.terms, 1)
         out = {"delta_mean": self.delta_sum / n, "delta_abs_max": self.delta_abs_max,
                "ratio_mean": self.ratio_sum / n, "ratio_min": self.ratio_min, "ratio_max": self.ratio_max}
-        if objective == "grpo":
+        if objective in CLIPPED_OBJECTIVES:
             out["clip_fraction"] = self.clipped / n
         return out
 

@@ -1,5 +1,12 @@
 """The RL loop: epochs of rollout -> reward -> update (METHOD.md §2-§4), each phase a plain function.
 
+The method and its baselines (§6) are choices inside this one loop, never a second one:
+- rollout: `sampler` euler / dpm2 (ODE) or sde (Flow-GRPO's, which can store the trajectory and its log-probs);
+- likelihood: `estimator` elbo (final sample only, §2) or trajectory (stored SDE steps, §6);
+- `objective`: epg / pepg / par / grpo (+ `_noratio`) on either estimator, flow_grpo (PPO clip against the
+  rollout's stored step log-probs), nft (DiffusionNFT's implicit positive/negative policies on ELBO terms).
+Each method's settings are a preset in params.yaml (`recipes:`), picked by `rl.recipe` (elborl/config.py).
+
 Every random draw of epoch e comes from generators seeded by (seed, e), so an epoch can be regenerated
 from the run's settings, and a resumed run continues exactly where a straight run would be.
 """
@@ -14,20 +21,25 @@ import torch
 from tqdm.auto import tqdm
 
 from elborl.checkpoint import load_latest_checkpoint, save_checkpoint
-from elborl.likelihood import WEIGHTINGS, elbo, elbo_times, expand_to_terms, perturb
-from elborl.objectives import ADVANTAGE_MODES, OBJECTIVES, TermStats, group_advantages, kl_to_reference, policy_loss
+from elborl.likelihood import (ESTIMATORS, WEIGHTINGS, elbo, elbo_times, expand_to_terms, perturb, trajectory_log_prob,
+                               trajectory_terms)
+from elborl.objectives import (ADVANTAGE_MODES, OBJECTIVES, TermStats, group_advantages, kl_between_steps,
+                               kl_to_reference, nft_loss, nft_optimality, policy_loss)
 from elborl.policy import CURRENT, OLD, REFERENCE, Policy
-from elborl.sampling import ODE_SAMPLERS, sample, sampler_times
+from elborl.sampling import SAMPLERS, guided_velocity, sample, sample_sde, sampler_times, time_grid
 
 
 @dataclass
 class RLConfig:
+    recipe: str = ""  # the params.yaml preset these settings started from ("" = none); applied by elborl/config.py
     objective: str = "pepg"
+    estimator: str = "elbo"  # elbo (§2) or trajectory (§6: per-step log-probs of the stored SDE trajectory)
     weighting: str = "adaptive"
     sampler: str = "dpm2"
     steps: int = 10
     shift: float = 3.0
     guidance: float = 1.0  # 1.0 = CFG off (the recipe's headline setting)
+    sde_noise: float = 0.7  # the sde sampler's a in σ_t = a sqrt(t / (1 − t)) (§6)
     prompts_per_epoch: int = 4
     group_size: int = 8  # images per prompt; advantages are relative to the group
     optimizer_steps_per_epoch: int = 1  # K = 1: all terms of an epoch accumulate into one step
@@ -38,7 +50,9 @@ class RLConfig:
     kl_beta: float = 1e-4
     advantage: str = "recipe"
     advantage_scale: float = 0.1
-    grpo_clip: float = 1e-3
+    grpo_clip: float = 1e-3  # PPO clip range of grpo and flow_grpo
+    nft_beta: float = 1.0  # DiffusionNFT's b (§6)
+    nft_loss_scale: float = 1.0  # DiffusionNFT's recipe multiplies its loss by 5
     elbo_fraction: float = 0.99
     old_decay_rate: float = 0.001  # θ_old ← d θ_old + (1 − d) θ with d = min(rate · step, max)
     old_decay_max: float = 0.5
@@ -48,7 +62,7 @@ class RLConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        choices = {"objective": OBJECTIVES, "weighting": WEIGHTINGS, "sampler": ODE_SAMPLERS,
+        choices = {"objective": OBJECTIVES, "estimator": ESTIMATORS, "weighting": WEIGHTINGS, "sampler": SAMPLERS,
                    "advantage": ADVANTAGE_MODES}
         for key, valid in choices.items():
             if getattr(self, key) not in valid:
@@ -63,6 +77,31 @@ class RLConfig:
             raise ValueError(f"rl.elbo_fraction must be in (0, 1], got {self.elbo_fraction}")
         if not (self.lr > 0 and self.grad_clip > 0 and self.kl_beta >= 0 and 0 <= self.ema_decay < 1):
             raise ValueError("rl: lr and grad_clip must be > 0, kl_beta >= 0, ema_decay in [0, 1)")
+        if not (self.grpo_clip > 0 and self.nft_beta > 0 and self.nft_loss_scale > 0 and self.sde_noise >= 0):
+            raise ValueError("rl: grpo_clip, nft_beta and nft_loss_scale must be > 0, sde_noise >= 0")
+        if not (self.old_decay_rate >= 0 and 0 <= self.old_decay_max <= 1):
+            raise ValueError("rl: old_decay_rate must be >= 0 and old_decay_max in [0, 1]")
+        self._validate_combination()
+
+    def _validate_combination(self) -> None:
+        """Sampler, estimator and objective that cannot go together (each message names the fix)."""
+        if self.estimator == "trajectory" and self.sampler != "sde":
+            raise ValueError(f"rl.estimator: trajectory needs the stored SDE trajectory, so rl.sampler: sde "
+                             f"(got rl.sampler: {self.sampler})")
+        if self.estimator == "trajectory" and not (self.sde_noise > 0 and self.steps >= 2):
+            raise ValueError("rl.estimator: trajectory needs stochastic steps with a density: rl.sde_noise > 0 and "
+                             f"rl.steps >= 2 (got {self.sde_noise}, {self.steps})")
+        if self.objective == "flow_grpo" and self.estimator != "trajectory":
+            raise ValueError("rl.objective: flow_grpo clips per-step SDE log-prob ratios, so it needs "
+                             f"rl.estimator: trajectory and rl.sampler: sde (got rl.estimator: {self.estimator})")
+        if self.objective == "nft" and self.estimator != "elbo":
+            raise ValueError("rl.objective: nft trains the x0-loss of the final sample, so it needs rl.estimator: elbo "
+                             f"(got rl.estimator: {self.estimator})")
+
+    def sampler_settings(self) -> dict:
+        """What a rollout records with each sample: enough to regenerate it from its seed."""
+        settings = {"sampler": self.sampler, "steps": self.steps, "shift": self.shift, "guidance": self.guidance}
+        return {**settings, "sde_noise": self.sde_noise} if self.sampler == "sde" else settings
 
 
 def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
@@ -72,13 +111,19 @@ def epoch_generator(seed: int, epoch: int, stream: int) -> torch.Generator:
 # --- rollout ------------------------------------------------------------------------------------
 @dataclass
 class Rollout:
-    """G samples per prompt, with everything needed to regenerate them (prompt, seed, sampler settings)."""
+    """G samples per prompt, with everything needed to regenerate them (prompt, seed, sampler settings).
+
+    The trajectory estimator also needs the SDE trajectory (N x (steps + 1) x C x H x W) and the log-prob of
+    each stochastic step under θ_old at rollout (N x (steps − 1)); other settings leave them None.
+    """
 
     metas: list[dict]
     group_ids: list[int]
     seeds: list[int]
     x0: torch.Tensor
     sampler: dict = field(default_factory=dict)
+    trajectory: torch.Tensor | None = None
+    old_log_probs: torch.Tensor | None = None
 
     def records(self) -> list[dict]:
         return [{"prompt": m["prompt"], "tag": m["tag"], "group": g, "seed": s, **self.sampler}
@@ -101,62 +146,148 @@ def choose_prompts(train_metas: list[dict], config: RLConfig, epoch: int) -> lis
 
 
 def rollout(policy: Policy, prompt_metas: list[dict], config: RLConfig, epoch: int) -> Rollout:
-    """Samples G images per prompt from the old policy θ_old with an ODE sampler."""
+    """Samples G images per prompt from the old policy θ_old (with the SDE trajectory when the estimator needs it)."""
     metas = [m for m in prompt_metas for _ in range(config.group_size)]
     group_ids = [i for i in range(len(prompt_metas)) for _ in range(config.group_size)]
     first_seed = (config.seed * 100_003 + epoch) * 10_000  # disjoint from evaluation seeds (>= 10^6 apart per run)
     seeds = [first_seed + i for i in range(len(metas))]
-    settings = {"sampler": config.sampler, "steps": config.steps, "shift": config.shift, "guidance": config.guidance}
+    prompts = [m["prompt"] for m in metas]
+    trajectory = old_log_probs = None
     with policy.weights(OLD):
-        x0 = sample(policy.backbone, [m["prompt"] for m in metas], seeds, config.sampler, config.steps,
-                    config.shift, config.guidance, batch_size=config.micro_batch)
-    return Rollout(metas, group_ids, seeds, x0, settings)
+        if config.estimator == "trajectory":
+            x0, trajectory, old_log_probs = sample_sde(
+                policy.backbone, prompts, seeds, config.steps, config.shift, config.guidance, config.sde_noise,
+                batch_size=config.micro_batch, keep_trajectory=True)
+        else:
+            x0 = sample(policy.backbone, prompts, seeds, config.sampler, config.steps, config.shift, config.guidance,
+                        batch_size=config.micro_batch, sde_noise=config.sde_noise)
+    return Rollout(metas, group_ids, seeds, x0, config.sampler_settings(), trajectory, old_log_probs)
 
 
 # --- update ---------------------------------------------------------------------------------------
-def _term_losses(policy, config, x0, t, cond, advantages, generator, stats: list):
-    """Per-term losses of one micro-batch: the same x_t goes to current, old and reference (§2)."""
+def epoch_terms(ro: Rollout, config: RLConfig, generator: torch.Generator) -> tuple[int, dict[str, torch.Tensor]]:
+    """Every loss term of the epoch, sample-major: (terms per sample, per-term tensors).
+
+    elbo: one term per (sample, t_k), t_k drawn from the sampler's times (§2); trajectory: one per (sample,
+    stochastic step) of the stored SDE trajectory (§6), with the log-prob stored at rollout.
+    """
+    if config.estimator == "trajectory":
+        x, x_next, t, t_next, stored = trajectory_terms(ro.trajectory, ro.old_log_probs,
+                                                        time_grid(config.steps, config.shift))
+        return ro.trajectory.shape[1] - 2, {"x": x, "x_next": x_next, "t": t, "t_next": t_next,
+                                            "stored_log_prob": stored}
+    times = elbo_times(sampler_times(config.sampler, config.steps, config.shift), len(ro.seeds), generator,
+                       config.elbo_fraction)
+    x0_terms, t_terms = expand_to_terms(ro.x0, times)
+    return times.shape[1], {"x0": x0_terms, "t": t_terms}
+
+
+class EpochStats:
+    """δ and ratio statistics, KL and per-method values over an epoch's terms, merged across micro-batches."""
+
+    def __init__(self, config: RLConfig):
+        self.objective, self.clip_range = config.objective, config.grpo_clip
+        self.terms, self.kl, self.optimality = TermStats(), [], []
+
+    def add(self, likelihood_current, likelihood_old, kl, optimality=None) -> None:
+        self.terms = self.terms.merge(TermStats.of(likelihood_current.detach(), likelihood_old, self.clip_range))
+        self.kl.append(kl.detach())
+        if optimality is not None:
+            self.optimality.append(optimality)
+
+    def summary(self) -> dict:
+        out = {**self.terms.summary(self.objective), "kl": float(torch.cat(self.kl).mean())}
+        if self.optimality:  # nft: the mean optimality probability r of the terms
+            out["nft_r_mean"] = float(torch.cat(self.optimality).mean())
+        return out
+
+
+def _elbo_term_losses(policy, config, batch, cond, advantages, generator, stats: EpochStats):
+    """ELBO terms (§2): the same x_t goes to current, old and reference; the objective is §3's, or nft (§6)."""
+    x0, t = batch["x0"], batch["t"]
     x_t, eps = perturb(x0, t, generator)
     with torch.no_grad():
         v_ref = policy.velocity(REFERENCE, x_t, t, cond) if config.kl_beta else None
-        elbo_old = elbo(policy.velocity(OLD, x_t, t, cond), x0, x_t, eps, t, config.weighting)
+        v_old = policy.velocity(OLD, x_t, t, cond)
     v = policy.velocity(CURRENT, x_t, t, cond)
+    kl = kl_to_reference(v, v_ref) if v_ref is not None else x0.new_zeros(len(x0))
     elbo_current = elbo(v, x0, x_t, eps, t, config.weighting)
-    loss = policy_loss(config.objective, elbo_current, elbo_old, advantages, config.grpo_clip)
-    kl = kl_to_reference(v, v_ref) if v_ref is not None else torch.zeros_like(loss)
-    stats.append((TermStats.of(elbo_current.detach(), elbo_old, config.grpo_clip), kl.detach()))
+    elbo_old = elbo(v_old, x0, x_t, eps, t, config.weighting)
+    if config.objective == "nft":
+        optimality = nft_optimality(advantages)
+        loss = nft_loss(v, v_old, x0, x_t, eps, t, optimality, config.nft_beta, config.weighting,
+                        config.nft_loss_scale)
+        stats.add(elbo_current, elbo_old, kl, optimality)
+    else:
+        loss = policy_loss(config.objective, elbo_current, elbo_old, advantages, config.grpo_clip)
+        stats.add(elbo_current, elbo_old, kl)
+    return loss + config.kl_beta * kl
+
+
+def _guided_velocity(policy: Policy, which: str, x, t, cond, null_cond, guidance: float):
+    """A policy's velocity as the sampler saw it (with CFG when the rollout used it)."""
+    with policy.weights(which):
+        return guided_velocity(policy.backbone, x, t, cond, null_cond, guidance)
+
+
+def _trajectory_term_losses(policy, config, batch, cond, null_cond, advantages, stats: EpochStats):
+    """Trajectory terms (§6): log-probs of the stored step x -> x_next under current, old and reference.
+
+    flow_grpo compares against the log-probs stored at rollout (Flow-GRPO's PPO); the other objectives
+    recompute θ_old's on the same step, as the ELBO terms do. The KL to the reference is the one between
+    the two Gaussian steps (§6), for every objective on these terms.
+    """
+    x, x_next, t, t_next = batch["x"], batch["x_next"], batch["t"], batch["t_next"]
+
+    def velocity(which):
+        return _guided_velocity(policy, which, x, t, cond, null_cond, config.guidance)
+
+    with torch.no_grad():
+        v_ref = velocity(REFERENCE) if config.kl_beta else None
+        if config.objective == "flow_grpo":
+            log_prob_old = batch["stored_log_prob"]
+        else:
+            log_prob_old = trajectory_log_prob(velocity(OLD), x, x_next, t, t_next, config.sde_noise)
+    v = velocity(CURRENT)
+    log_prob = trajectory_log_prob(v, x, x_next, t, t_next, config.sde_noise)
+    loss = policy_loss(config.objective, log_prob, log_prob_old, advantages, config.grpo_clip)
+    kl = (kl_between_steps(v, v_ref, x, t, t_next, config.sde_noise) if v_ref is not None
+          else x.new_zeros(len(x)))
+    stats.add(log_prob, log_prob_old, kl)
     return loss + config.kl_beta * kl
 
 
 def update(policy: Policy, optimizer, ro: Rollout, rewards: torch.Tensor, config: RLConfig, epoch: int) -> dict:
-    """One epoch of policy updates over all (sample, t_k) terms; K optimizer steps; then θ_old and EMA move."""
+    """One epoch of policy updates over all terms (§2, §6); K optimizer steps; then θ_old and EMA move."""
     generator = epoch_generator(config.seed, epoch, 1)
     advantages = group_advantages(rewards, ro.group_ids, config.advantage, config.advantage_scale)
-    times = elbo_times(sampler_times(config.sampler, config.steps, config.shift), len(ro.seeds), generator,
-                       config.elbo_fraction)
-    x0_terms, t_terms = expand_to_terms(ro.x0, times)
-    per_sample = times.shape[1]
+    per_sample, terms = epoch_terms(ro, config, generator)
+    trajectory = config.estimator == "trajectory"
+    prompts = [m["prompt"] for m in ro.metas]
     with torch.no_grad():
-        cond = policy.backbone.encode_prompts([m["prompt"] for m in ro.metas])
-    order = torch.randperm(len(t_terms), generator=generator)
-    stats, grad_norms = [], []
+        cond = policy.backbone.encode_prompts(prompts)
+        guided = trajectory and config.guidance != 1.0
+        null_cond = policy.backbone.encode_prompts([""] * len(prompts)) if guided else None
+    order = torch.randperm(len(terms["t"]), generator=generator)
+    stats, grad_norms = EpochStats(config), []
     for chunk in order.chunk(config.optimizer_steps_per_epoch):
         optimizer.zero_grad(set_to_none=True)
-        for terms in chunk.split(config.micro_batch):
-            samples = terms // per_sample
-            losses = _term_losses(policy, config, x0_terms[terms], t_terms[terms], cond[samples],
-                                  advantages[samples], generator, stats)
+        for ids in chunk.split(config.micro_batch):
+            samples = ids // per_sample
+            batch = {name: values[ids] for name, values in terms.items()}
+            if trajectory:
+                losses = _trajectory_term_losses(policy, config, batch, cond[samples],
+                                                 null_cond[samples] if guided else None, advantages[samples], stats)
+            else:
+                losses = _elbo_term_losses(policy, config, batch, cond[samples], advantages[samples], generator, stats)
             (losses.sum() / len(chunk)).backward()
         grad_norms.append(float(torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), config.grad_clip)))
         optimizer.step()
     steps_taken = (epoch + 1) * config.optimizer_steps_per_epoch
     policy.soft_update_old(min(config.old_decay_rate * steps_taken, config.old_decay_max))
     policy.update_ema(config.ema_decay)
-    term_stats = stats[0][0]
-    for s, _ in stats[1:]:
-        term_stats = term_stats.merge(s)
-    return {**term_stats.summary(config.objective), "kl": float(torch.cat([k for _, k in stats]).mean()),
-            "grad_norm": float(np.mean(grad_norms)), "advantage_abs_mean": float(advantages.abs().mean())}
+    return {**stats.summary(), "grad_norm": float(np.mean(grad_norms)),
+            "advantage_abs_mean": float(advantages.abs().mean())}
 
 
 # --- the loop -------------------------------------------------------------------------------------

@@ -4,8 +4,9 @@ RL is a loop; DVC and container schedulers run DAGs. A run is therefore a sequen
 Round r samples from the policy that round r-1's update left, and publishes under the run's prefix
 
     <run>/run.json                    the settings the run was started with (later stages must match)
-    <run>/round-00003/rollout/        images/*.png, samples.safetensors (x0), samples.jsonl (prompt, group,
-                                      seed and sampler settings: enough to regenerate every sample)
+    <run>/round-00003/rollout/        images/*.png, samples.safetensors (x0; with the trajectory estimator
+                                      also the SDE trajectory and its per-step log-probs), samples.jsonl
+                                      (prompt, group, seed and sampler settings: enough to regenerate every sample)
     <run>/round-00003/score/          rewards.json (one reward per sample, per-task means, per-reward means)
     <run>/round-00003/update/         policy/optimizer/rng safetensors, state.json, metrics.json
 
@@ -141,7 +142,7 @@ def rollout_stage(ctx: RunContext, round_index: int) -> str:
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        save_file({"x0": ro.x0.contiguous()}, tmp / "samples.safetensors")
+        save_file(_sample_tensors(ro), tmp / "samples.safetensors")
         with open(tmp / "samples.jsonl", "w") as f:
             for meta, record in zip(ro.metas, ro.records()):
                 f.write(json.dumps({**meta, **record}) + "\n")
@@ -152,11 +153,21 @@ def rollout_stage(ctx: RunContext, round_index: int) -> str:
     return out
 
 
+SAMPLER_KEYS = ("sampler", "steps", "shift", "guidance", "sde_noise")
+
+
+def _sample_tensors(ro: Rollout) -> dict:
+    """What samples.safetensors holds: x0, and the SDE trajectory with its rollout log-probs when kept."""
+    tensors = {"x0": ro.x0, "trajectory": ro.trajectory, "old_log_probs": ro.old_log_probs}
+    return {name: value.contiguous() for name, value in tensors.items() if value is not None}
+
+
 def _read_rollout(directory: Path) -> tuple[Rollout, list[dict]]:
     rows = [json.loads(line) for line in (directory / "samples.jsonl").read_text().splitlines() if line]
-    sampler = {k: rows[0][k] for k in ("sampler", "steps", "shift", "guidance")} if rows else {}
-    x0 = load_file(directory / "samples.safetensors")["x0"]
-    return Rollout(rows, [r["group"] for r in rows], [r["seed"] for r in rows], x0, sampler), rows
+    sampler = {k: rows[0][k] for k in SAMPLER_KEYS if k in rows[0]} if rows else {}
+    tensors = load_file(directory / "samples.safetensors")
+    return Rollout(rows, [r["group"] for r in rows], [r["seed"] for r in rows], tensors["x0"], sampler,
+                   tensors.get("trajectory"), tensors.get("old_log_probs")), rows
 
 
 def read_images(directory: Path, n: int) -> np.ndarray:

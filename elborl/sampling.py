@@ -1,22 +1,29 @@
-"""Deterministic ODE samplers on SD3's shifted schedule, built on diffusers' schedulers.
+"""Samplers on SD3's shifted schedule, built on diffusers' schedulers (METHOD.md §0, §1, §6).
 
 `euler` is `FlowMatchEulerDiscreteScheduler` on `linspace(1, 1/1000, N)` shifted by `s t / (1 + (s-1) t)`;
-`dpm2` is the second-order multistep `DPMSolverMultistepScheduler` in flow mode. Every sample owns its seed,
-so a sample is the same whatever batch it was drawn in, and a rollout can be regenerated from its record.
+`dpm2` is the second-order multistep `DPMSolverMultistepScheduler` in flow mode; `sde` is Flow-GRPO's
+Euler–Maruyama sampler of the SDE with the ODE's marginals, on the Euler sampler's time grid. Every sample
+owns its seed (its initial noise and, for `sde`, every step's noise come from its own generator), so a
+sample is the same whatever batch it was drawn in, and a rollout can be regenerated from its record.
 """
+
+import math
 
 import numpy as np
 import torch
+from torch import Tensor
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
 from tqdm.auto import tqdm
 
 ODE_SAMPLERS = ("euler", "dpm2")
+SAMPLERS = ODE_SAMPLERS + ("sde",)
 
 
 def make_scheduler(sampler: str, steps: int, shift: float = 3.0):
+    """The diffusers scheduler holding a sampler's time grid (`sde` steps on the Euler sampler's grid)."""
     if steps < 1:
         raise ValueError(f"sampler steps must be >= 1, got {steps}")
-    if sampler == "euler":
+    if sampler in ("euler", "sde"):
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 1000, steps))
     elif sampler == "dpm2":
@@ -26,7 +33,7 @@ def make_scheduler(sampler: str, steps: int, shift: float = 3.0):
         )
         scheduler.set_timesteps(steps)
     else:
-        raise ValueError(f"unknown sampler {sampler!r}; expected one of {ODE_SAMPLERS}")
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
     return scheduler
 
 
@@ -35,25 +42,110 @@ def sampler_times(sampler: str, steps: int, shift: float = 3.0) -> torch.Tensor:
     return make_scheduler(sampler, steps, shift).sigmas[:-1].float()
 
 
+def time_grid(steps: int, shift: float = 3.0) -> torch.Tensor:
+    """The Euler (and SDE) sampler's N + 1 grid points, from t = 1 down to t = 0."""
+    return make_scheduler("euler", steps, shift).sigmas.float()
+
+
 def initial_noise(seeds, shape) -> torch.Tensor:
     """x_1 ~ N(0, I), one generator per sample seed."""
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
 def guided_velocity(model, x, t, cond, null_cond, guidance: float) -> torch.Tensor:
+    """CFG: v_null + g (v_cond − v_null); g = 1 is the plain conditional velocity. t: a scalar or one per row."""
     if guidance == 1.0:
         return model.velocity(x, t, cond)
-    both = model.velocity(torch.cat([x, x]), t, type(cond).cat([cond, null_cond]))
+    t = torch.as_tensor(t)
+    both = model.velocity(torch.cat([x, x]), torch.cat([t, t]) if t.dim() else t, type(cond).cat([cond, null_cond]))
     v_cond, v_null = both.chunk(2)
     return v_null + guidance * (v_cond - v_null)
 
 
+# --- the SDE step (Flow-GRPO, METHOD.md §6) as pure tensor functions -------------------------------------
+def per_row(t, like: Tensor) -> Tensor:
+    """t (a scalar or one value per row) shaped to broadcast against a B x ... tensor."""
+    return torch.as_tensor(t).to(like).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def sde_sigma(t: Tensor, t_next: Tensor, noise_level: float) -> Tensor:
+    """σ_t = a sqrt(t / (1 − t)); it is infinite at t = 1, where the next grid point's t stands in (§6)."""
+    t, t_next = torch.as_tensor(t), torch.as_tensor(t_next)
+    s = torch.where(t >= 1, t_next.to(t), t)
+    return noise_level * (s / (1 - s)).sqrt()
+
+
+def sde_step(x: Tensor, v: Tensor, t, t_next, noise_level: float) -> tuple[Tensor, Tensor]:
+    """One Euler–Maruyama step from t to t + dt (dt = t_next − t < 0) of the SDE with the ODE's marginals.
+
+    mean μ = x + [v + σ_t² / (2t) · (x + (1 − t) v)] dt,  std σ_t sqrt(|dt|): one std per row, shape B x 1 x ...
+    With noise_level 0 this is the Euler ODE step x + v dt.
+    """
+    t, t_next = per_row(t, x), per_row(t_next, x)
+    dt = t_next - t
+    sigma = sde_sigma(t, t_next, noise_level)
+    mean = x + (v + sigma ** 2 / (2 * t) * (x + (1 - t) * v)) * dt
+    return mean, sigma * dt.abs().sqrt()
+
+
+def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """log N(x; μ, std² I) averaged over every dimension but the first (one value per row), as Flow-GRPO logs it."""
+    std = torch.as_tensor(std).to(x)
+    std = std if std.dim() == x.dim() else per_row(std, x)
+    log_density = -((x - mean) ** 2) / (2 * std ** 2) - std.log() - 0.5 * math.log(2 * math.pi)
+    return log_density.reshape(x.shape[0], -1).mean(dim=1)
+
+
 @torch.no_grad()
-def sample(model, prompts: list[str], seeds, sampler: str = "dpm2", steps: int = 10, shift: float = 3.0,
-           guidance: float = 1.0, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
-    """Final samples x0 (N x C x H x W, model space) for the prompts, one per seed."""
+def sample_sde(model, prompts: list[str], seeds, steps: int = 10, shift: float = 3.0, guidance: float = 1.0,
+               noise_level: float = 0.7, batch_size: int = 64, keep_trajectory: bool = False, progress: bool = False):
+    """Flow-GRPO's SDE sampler (§6): x0, or with `keep_trajectory` (x0, trajectory, log_probs).
+
+    trajectory: N x (steps + 1) x C x H x W, the latent at every grid point (trajectory[:, 0] = x_1, [:, -1] = x0);
+    log_probs: N x (steps − 1), log p(trajectory[:, k + 1] | trajectory[:, k]) of each stochastic step (mean over
+    dims). The last step, to t = 0, is the deterministic Euler step (as in Flow-GRPO): its noise std would be
+    ~1e-3 and its log-density a spike, so it carries no log-prob and no loss term.
+    """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    grid = time_grid(steps, shift)
+    finals, paths, log_probs = [], [], []
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc=f"sampling (sde, {steps} steps)", disable=not progress, leave=False):
+        chunk_prompts, chunk_seeds = prompts[start:start + batch_size], seeds[start:start + batch_size]
+        generators = [torch.Generator().manual_seed(int(s)) for s in chunk_seeds]
+        x = torch.stack([torch.randn(model.sample_shape, generator=g) for g in generators]).to(model.device)
+        cond = model.encode_prompts(chunk_prompts)
+        null_cond = model.encode_prompts([""] * len(chunk_prompts)) if guidance != 1.0 else None
+        path, chunk_log_probs = [x], []
+        for k in range(steps):
+            t, t_next = grid[k], grid[k + 1]
+            v = guided_velocity(model, x, t.to(x), cond, null_cond, guidance)
+            if k == steps - 1:
+                x = sde_step(x, v, t, t_next, 0.0)[0]
+            else:
+                mean, std = sde_step(x, v, t, t_next, noise_level)
+                noise = torch.stack([torch.randn(model.sample_shape, generator=g) for g in generators]).to(x)
+                x = mean + std * noise
+                if keep_trajectory:
+                    chunk_log_probs.append(gaussian_log_prob(x, mean, std))
+            path.append(x)
+        finals.append(x)
+        if keep_trajectory:
+            paths.append(torch.stack(path, dim=1))
+            log_probs.append(torch.stack(chunk_log_probs, dim=1) if chunk_log_probs else x.new_zeros(len(x), 0))
+    x0 = torch.cat(finals)
+    return (x0, torch.cat(paths), torch.cat(log_probs)) if keep_trajectory else x0
+
+
+@torch.no_grad()
+def sample(model, prompts: list[str], seeds, sampler: str = "dpm2", steps: int = 10, shift: float = 3.0,
+           guidance: float = 1.0, batch_size: int = 64, progress: bool = False, sde_noise: float = 0.7) -> torch.Tensor:
+    """Final samples x0 (N x C x H x W, model space) for the prompts, one per seed (sde_noise: `sde` only)."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    if sampler == "sde":
+        return sample_sde(model, prompts, seeds, steps, shift, guidance, sde_noise, batch_size, progress=progress)
     out = []
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc=f"sampling ({sampler}, {steps} steps)", disable=not progress, leave=False):

@@ -1,4 +1,4 @@
-"""Stage: round R's rollout — G images per training prompt from the policy round R-1 left (ODE sampler).
+"""Stage: round R's rollout — G images per training prompt from the policy round R-1 left (rl.sampler: ODE or SDE).
 
 Publishes <run>/round-R/rollout: images, final samples, and each sample's prompt, seed and sampler."""
 

@@ -9,12 +9,14 @@ from elborl.config import ParamsError, load_params, parse_params
 def test_the_shipped_params_file_is_valid():
     params = load_params("params.yaml")
     assert params.rl.objective == "pepg" and params.rl.weighting == "adaptive" and params.rl.guidance == 1.0
+    assert params.rl.recipe == "elbo" and set(params.recipes) == {"elbo", "flow_grpo", "nft"}
 
 
 @pytest.mark.parametrize("raw, message", [
     ({"rl": {"objective": "ppo"}}, "rl.objective: unknown objective 'ppo'"),
     ({"rl": {"weighting": "snr"}}, "rl.weighting: unknown weighting 'snr'"),
     ({"rl": {"sampler": "ddim"}}, "rl.sampler: unknown sampler 'ddim'"),
+    ({"rl": {"recipe": "ppo"}}, "rl.recipe: unknown recipe 'ppo'"),
     ({"rl": {"group_size": 1}}, "group_size"),
     ({"pretrain": {"stepz": 3}}, "unknown key(s) ['stepz']"),
     ({"pretrain": {"lr": "fast"}}, "pretrain.lr: expected float"),

@@ -232,7 +232,9 @@ def test_grpo_default_clip_range_is_1e_3():
 def test_unknown_objective_names_the_valid_ones():
     with pytest.raises(ValueError, match="pepg"):
         policy_loss("grpo_noratio", torch.zeros(1), torch.zeros(1), torch.zeros(1))
-    assert "grpo_noratio" not in OBJECTIVES and len(OBJECTIVES) == 7
+    assert "grpo_noratio" not in OBJECTIVES and len(OBJECTIVES) == 9  # + flow_grpo and nft (§6)
+    with pytest.raises(ValueError, match="nft_loss"):
+        policy_loss("nft", torch.zeros(1), torch.zeros(1), torch.zeros(1))
 
 
 def test_term_stats_merge_across_micro_batches():
