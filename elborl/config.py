@@ -14,7 +14,7 @@ import yaml
 from elborl.evaluate import EvalConfig
 from elborl.models.shapes_model import ShapesModelConfig
 from elborl.policy import FINETUNE_MODES, PolicyConfig
-from elborl.pretrain import LR_SCHEDULES, PretrainConfig
+from elborl.pretrain import LR_SCHEDULES, TIME_SAMPLINGS, PretrainConfig
 from elborl.rewards import RewardsConfig
 from elborl.rl import RLConfig
 from elborl.sampling import ODE_SAMPLERS
@@ -92,6 +92,9 @@ def _check(params: Params) -> None:
             raise ParamsError(f"{key} must be > 0, got {value}")
     if params.pretrain.lr_schedule not in LR_SCHEDULES:
         raise ParamsError(f"pretrain.lr_schedule: unknown schedule {params.pretrain.lr_schedule!r}; expected one of {LR_SCHEDULES}")
+    if params.pretrain.time_sampling not in TIME_SAMPLINGS:
+        raise ParamsError(f"pretrain.time_sampling: unknown sampling {params.pretrain.time_sampling!r}; "
+                          f"expected one of {TIME_SAMPLINGS}")
     if params.evaluate.sampler not in ODE_SAMPLERS:
         raise ParamsError(f"evaluate.sampler: unknown sampler {params.evaluate.sampler!r}; expected one of {ODE_SAMPLERS}")
     try:

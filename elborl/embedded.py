@@ -34,10 +34,16 @@ def prepare_prompts(params, out_dir: Path) -> tuple[list[dict], list[dict]]:
     return test, train_set
 
 
+def run_settings(base_path: Path, params) -> dict:
+    """Everything that defines an RL run from a base model (as plain JSON values): runs agree iff these do."""
+    settings = {"base": base_path.name, "policy": asdict(params.policy), "rl": asdict(params.rl),
+                "rewards": asdict(params.rewards), "evaluate": asdict(params.evaluate),
+                "eval_every": params.eval_every}
+    return json.loads(json.dumps(settings))
+
+
 def run_key(base_path: Path, params) -> str:
-    blob = json.dumps({"base": base_path.name, "policy": asdict(params.policy), "rl": asdict(params.rl),
-                       "rewards": asdict(params.rewards), "evaluate": asdict(params.evaluate),
-                       "eval_every": params.eval_every}, sort_keys=True)
+    blob = json.dumps(run_settings(base_path, params), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

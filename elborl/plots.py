@@ -38,6 +38,34 @@ def plot_run(run_dir: str | Path, out_png: str | Path) -> Path:
     return Path(out_png)
 
 
+Curve = list[tuple[float, float]]  # (training seconds, value)
+
+
+def plot_efficiency(held_out: dict[str, tuple[list[Curve], Curve]], reward: dict[str, tuple[list[Curve], Curve]],
+                    out_png: str | Path) -> Path:
+    """Methods head to head against training minutes (bench/efficiency.py). Left: held-out strict GenEval;
+    right: training reward (each method's own rollouts). Per method: (one curve per seed, their mean), drawn
+    as thin lines per seed and a thick line for the mean, in one colour."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for axis, curves, marker in ((left, held_out, "o"), (right, reward, None)):
+        for index, (method, (per_seed, mean)) in enumerate(curves.items()):
+            colour = f"C{index}"
+            for seed_curve in per_seed:
+                axis.plot([s / 60 for s, _ in seed_curve], [v for _, v in seed_curve], color=colour, lw=0.7,
+                          alpha=0.35)
+            axis.plot([s / 60 for s, _ in mean], [v for _, v in mean], color=colour, lw=2, marker=marker, ms=3,
+                      label=f"{method} ({len(per_seed)} seed{'s' if len(per_seed) != 1 else ''})")
+        axis.legend(fontsize=7)
+    left.set(xlabel="training minutes (CPU)", ylabel="held-out GenEval (strict, overall)",
+             title="held-out score vs training time", ylim=(0, 1))
+    right.set(xlabel="training minutes (CPU)", ylabel="training reward (dense, rollout mean)",
+              title="training reward (each method's own sampler)")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return Path(out_png)
+
+
 # --- the DVC pipeline's report: metrics JSON, plot CSVs and their PNGs ---------------------------------
 def _rounded(value, digits: int = 4):
     return None if value is None else round(float(value), digits)

@@ -23,6 +23,7 @@ def test_the_shipped_params_file_is_valid():
     ({"evaluate": {"steps": 0}}, "evaluate.steps must be > 0"),
     ({"policy": {"finetune": "adapters"}}, "policy.finetune: unknown mode"),
     ({"base_model": {"channels": [32, 48]}}, "multiples of 32"),
+    ({"pretrain": {"time_sampling": "beta"}}, "pretrain.time_sampling: unknown sampling"),
 ])
 def test_bad_values_name_the_key(raw, message):
     with pytest.raises(ParamsError) as error:

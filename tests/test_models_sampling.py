@@ -4,7 +4,7 @@ import torch
 
 from elborl.models.tokenizer import build_tokenizer
 from elborl.models.shapes_model import ShapesFlowModel
-from elborl.pretrain import PretrainConfig, pretrain
+from elborl.pretrain import PretrainConfig, pretrain, training_times
 from elborl.sampling import make_scheduler, sample, sampler_times, to_uint8
 from elborl.shapes.world import SHAPES_VOCABULARY
 
@@ -92,3 +92,16 @@ def test_pretraining_reduces_the_flow_matching_loss():
     _, losses = pretrain(TINY, PretrainConfig(steps=40, batch_size=8, lr=2e-3, warmup_steps=5), progress=False,
                          log=lambda *_: None)
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5])
+
+
+def test_training_times_uniform_covers_the_high_noise_end_that_logit_normal_skips():
+    generator = torch.Generator().manual_seed(0)
+    uniform = training_times(20_000, 1.0, generator, "uniform")
+    logit_normal = training_times(20_000, 1.0, generator, "logit_normal")
+    assert 0 < float(uniform.min()) and float(uniform.max()) < 1
+    assert abs(float((uniform > 0.9).float().mean()) - 0.10) < 0.01
+    assert float((logit_normal > 0.9).float().mean()) < 0.03
+    shifted = training_times(20_000, 3.0, generator, "uniform")
+    assert float(shifted.median()) == pytest.approx(0.75, abs=0.02)  # shift 3 maps u = 0.5 to 0.75
+    with pytest.raises(ValueError, match="time sampling"):
+        training_times(4, 1.0, generator, "beta")
