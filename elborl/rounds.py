@@ -18,7 +18,6 @@ weights and metrics of N epochs of `rl.train`.
 
 from dataclasses import asdict
 from pathlib import Path
-import hashlib
 import json
 import tempfile
 import time
@@ -63,19 +62,8 @@ class RunContext:
 
     # --- artifacts ---------------------------------------------------------------------------------
     def local(self, uri: str) -> Path:
-        """A published artifact as a local directory."""
-        if not uri.startswith("s3://"):
-            self.store.read_manifest(uri)  # raises a clear error when nothing is published there
-            return Path(uri.removeprefix("file://"))
-        digest = hashlib.sha256(json.dumps(self.store.read_manifest(uri), sort_keys=True).encode()).hexdigest()
-        target = self.cache / digest[:20]
-        if not target.exists():
-            self.cache.mkdir(parents=True, exist_ok=True)
-            self.store.get_artifact(uri, target)
-        return target
-
-    def publish(self, directory: Path, uri: str, meta: dict) -> None:
-        self.store.put_artifact(directory, uri, meta)
+        """A published artifact as a local directory (s3:// ones cached by manifest digest)."""
+        return self.store.local_artifact(uri, self.cache)
 
     def check_settings(self) -> None:
         """The run's settings are fixed at its first stage; a stage under other settings would mix runs."""
@@ -118,38 +106,31 @@ class RunContext:
         return done
 
 
-def _skip(ctx: RunContext, uri: str) -> bool:
-    if ctx.store.exists(uri):
-        ctx.log(f"{uri}: already published, skipped")
-        return True
-    return False
-
-
 # --- the three stages ----------------------------------------------------------------------------------
 def rollout_stage(ctx: RunContext, round_index: int) -> str:
     """G images per prompt from θ_old of the previous round, with everything needed to regenerate them."""
     out = round_uri(ctx.run, round_index, "rollout")
-    if _skip(ctx, out):
-        return out
-    ctx.check_settings()
-    if ctx.prompts is None:
-        raise ValueError("the rollout stage needs the training prompts (--prompts)")
-    start = time.perf_counter()
-    policy, _ = ctx.policy_after(round_index - 1)
-    train_metas = read_jsonl(ctx.local(ctx.prompts) / "train.jsonl")
-    ro = rollout(policy, choose_prompts(train_metas, ctx.params.rl, round_index), ctx.params.rl, round_index)
-    images = policy.backbone.to_images(ro.x0)
-    seconds = time.perf_counter() - start
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        save_file(_sample_tensors(ro), tmp / "samples.safetensors")
-        with open(tmp / "samples.jsonl", "w") as f:
+
+    def write(directory: Path) -> dict:
+        ctx.check_settings()
+        if ctx.prompts is None:
+            raise ValueError("the rollout stage needs the training prompts (--prompts)")
+        start = time.perf_counter()
+        policy, _ = ctx.policy_after(round_index - 1)
+        train_metas = read_jsonl(ctx.local(ctx.prompts) / "train.jsonl")
+        ro = rollout(policy, choose_prompts(train_metas, ctx.params.rl, round_index), ctx.params.rl, round_index)
+        images = policy.backbone.to_images(ro.x0)
+        seconds = time.perf_counter() - start
+        save_file(_sample_tensors(ro), directory / "samples.safetensors")
+        with open(directory / "samples.jsonl", "w") as f:
             for meta, record in zip(ro.metas, ro.records()):
                 f.write(json.dumps({**meta, **record}) + "\n")
-        (tmp / "images").mkdir()
+        (directory / "images").mkdir()
         for i, image in enumerate(images):
-            Image.fromarray(image).save(tmp / "images" / f"{i:05d}.png")
-        ctx.publish(tmp, out, {"round": round_index, "stage": "rollout", "seconds": seconds})
+            Image.fromarray(image).save(directory / "images" / f"{i:05d}.png")
+        return {"seconds": seconds}
+
+    ctx.store.publish(out, write, {"round": round_index, "stage": "rollout"}, log=ctx.log)
     return out
 
 
@@ -177,41 +158,43 @@ def read_images(directory: Path, n: int) -> np.ndarray:
 def score_stage(ctx: RunContext, round_index: int, reward_fn) -> str:
     """Rewards for the round's images; needs only the rollout artifact (not the diffusion model)."""
     out = round_uri(ctx.run, round_index, "score")
-    if _skip(ctx, out):
-        return out
-    rollout_dir = ctx.local(round_uri(ctx.run, round_index, "rollout"))
-    ro, rows = _read_rollout(rollout_dir)
-    start = time.perf_counter()
-    rewards = torch.as_tensor(reward_fn(read_images(rollout_dir, len(rows)), ro.metas), dtype=torch.float32)
-    seconds = time.perf_counter() - start
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "rewards.json").write_text(json.dumps(
+
+    def write(directory: Path) -> dict:
+        rollout_dir = ctx.local(round_uri(ctx.run, round_index, "rollout"))
+        ro, rows = _read_rollout(rollout_dir)
+        start = time.perf_counter()
+        rewards = torch.as_tensor(reward_fn(read_images(rollout_dir, len(rows)), ro.metas), dtype=torch.float32)
+        seconds = time.perf_counter() - start
+        (directory / "rewards.json").write_text(json.dumps(
             {"rewards": rewards.tolist(), **reward_summary(rewards, ro.metas), **score_means(reward_fn)}))
-        ctx.publish(Path(tmp), out, {"round": round_index, "stage": "score", "seconds": seconds})
+        return {"seconds": seconds}
+
+    ctx.store.publish(out, write, {"round": round_index, "stage": "score"}, log=ctx.log)
     return out
 
 
 def update_stage(ctx: RunContext, round_index: int) -> str:
     """One epoch of policy updates on the round's samples and rewards; publishes the new policy state."""
     out = round_uri(ctx.run, round_index, "update")
-    if _skip(ctx, out):
-        return out
-    ctx.check_settings()
-    ro, _ = _read_rollout(ctx.local(round_uri(ctx.run, round_index, "rollout")))
-    scores = json.loads((ctx.local(round_uri(ctx.run, round_index, "score")) / "rewards.json").read_text())
-    rewards = torch.tensor(scores["rewards"], dtype=torch.float32)
-    policy, optimizer = ctx.policy_after(round_index - 1)
-    start = time.perf_counter()
-    metrics = {"epoch": round_index, **reward_summary(rewards, ro.metas),
-               **{k: v for k, v in scores.items() if k.startswith("score/")},
-               **update(policy, optimizer, ro, rewards, ctx.params.rl, round_index)}
-    seconds = time.perf_counter() - start
-    with tempfile.TemporaryDirectory() as tmp:
-        write_state(tmp, policy, optimizer, {"epoch": round_index + 1})
+
+    def write(directory: Path) -> dict:
+        ctx.check_settings()
+        ro, _ = _read_rollout(ctx.local(round_uri(ctx.run, round_index, "rollout")))
+        scores = json.loads((ctx.local(round_uri(ctx.run, round_index, "score")) / "rewards.json").read_text())
+        rewards = torch.tensor(scores["rewards"], dtype=torch.float32)
+        policy, optimizer = ctx.policy_after(round_index - 1)
+        start = time.perf_counter()
+        metrics = {"epoch": round_index, **reward_summary(rewards, ro.metas),
+                   **{k: v for k, v in scores.items() if k.startswith("score/")},
+                   **update(policy, optimizer, ro, rewards, ctx.params.rl, round_index)}
+        seconds = time.perf_counter() - start
+        write_state(directory, policy, optimizer, {"epoch": round_index + 1})
         metrics["seconds_update"] = seconds
-        (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
+        (directory / "metrics.json").write_text(json.dumps(metrics))
         # the metrics ride in the manifest too, so curves need no download of policy states
-        ctx.publish(Path(tmp), out, {"round": round_index, "stage": "update", "seconds": seconds, "metrics": metrics})
+        return {"seconds": seconds, "metrics": metrics}
+
+    ctx.store.publish(out, write, {"round": round_index, "stage": "update"}, log=ctx.log)
     return out
 
 

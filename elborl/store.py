@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import uuid
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
@@ -330,6 +331,45 @@ class ArtifactStore:
             raise
         logger.info("fetched %s into %s: %d files verified", prefix.uri, target, len(manifest["files"]))
         return manifest
+
+    def publish(self, uri: str, write, meta: dict | None = None, log=print) -> bool:
+        """Makes an artifact and publishes it at `uri` unless it is already published (then returns False).
+
+        `write(directory)` fills a fresh temporary directory and may return a dict of metadata computed on the
+        way (e.g. the seconds the work took), merged over `meta`. The already-published check comes first, so a
+        re-run stage skips its work too.
+        """
+        if self.exists(uri):
+            log(f"{uri}: already published, skipped")
+            return False
+        with tempfile.TemporaryDirectory() as tmp:
+            extra = write(Path(tmp))
+            self.put_artifact(tmp, uri, {**(meta or {}), **(extra or {})})
+        log(f"published {uri}")
+        return True
+
+    def local_artifact(self, uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+        """A published artifact as a local directory.
+
+        Local artifacts are read in place (their manifest must exist). `s3://` ones are downloaded and verified
+        once into `cache_dir/<digest of the manifest>` (default `$ELBORL_CACHE/artifacts`) and reused while the
+        published manifest is unchanged; a republished artifact gets a new directory.
+        """
+        manifest = self.read_manifest(uri)  # a clear error when nothing is published there
+        bucket, key = _parse_uri(uri)
+        if bucket is None:
+            return Path(key)
+        digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:20]
+        target = Path(cache_dir) if cache_dir is not None else default_cache_dir().parent / "artifacts"
+        target = target / digest
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.get_artifact(uri, target)
+            except FileExistsError:  # another process fetched it meanwhile (artifacts land by a rename)
+                if not (target / MANIFEST).is_file():
+                    raise
+        return target
 
     def exists(self, uri: str | os.PathLike) -> bool:
         """True only when the artifact's manifest is published (a half-uploaded artifact does not exist)."""

@@ -1,10 +1,8 @@
-"""What every stage CLI shares: the params file, thread count, publishing through the artifact store,
-and one clear line on bad input."""
+"""What every stage CLI shares: the params file, thread count and one clear line on bad input.
+Stages publish and fetch through `elborl.store.ArtifactStore` (`publish`, `local_artifact`)."""
 
-from pathlib import Path
 import argparse
 import sys
-import tempfile
 
 import torch
 from botocore.exceptions import BotoCoreError, ClientError
@@ -12,7 +10,6 @@ from botocore.exceptions import BotoCoreError, ClientError
 from elborl.config import load_params
 from elborl.rewards import REWARDS
 from elborl.rewards.service import RewardServiceError
-from elborl.store import ArtifactStore
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:
@@ -37,24 +34,3 @@ def run_stage(main, parser: argparse.ArgumentParser, argv=None) -> None:
         main(args, load_params(args.params))
     except (FileNotFoundError, FileExistsError, ValueError, BotoCoreError, ClientError, RewardServiceError) as error:
         sys.exit(f"{parser.prog}: error: {error}")
-
-
-def publish(out: str, write, meta: dict | None = None, store: ArtifactStore | None = None) -> bool:
-    """Runs `write(directory)` and publishes the directory at `out` (manifest last); skips when `out` is
-    already published. Returns whether anything was written."""
-    store = store or ArtifactStore()
-    if store.exists(out):
-        print(f"{out}: already published, skipped")
-        return False
-    with tempfile.TemporaryDirectory() as tmp:
-        write(Path(tmp))
-        store.put_artifact(tmp, out, meta)
-    print(f"published {out}")
-    return True
-
-
-def fetch(uri: str, cache: str | None = None, store: ArtifactStore | None = None) -> Path:
-    """A published artifact as a local directory (downloaded and verified when it lives in S3)."""
-    from elborl.rounds import RunContext
-
-    return RunContext("", None, store=store, cache=cache).local(uri)

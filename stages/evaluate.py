@@ -17,7 +17,8 @@ from elborl.policy import Policy
 from elborl.prompt_sets import PROMPT_SETS, prompt_set
 from elborl.rewards import check_reward_name, configured_reward
 from elborl.rounds import RunContext, round_uri
-from stages._common import fetch, publish, run_stage, stage_parser
+from elborl.store import ArtifactStore
+from stages._common import run_stage, stage_parser
 
 
 def final_policy_state(run: str, params, cache: str | None = None) -> str:
@@ -33,18 +34,19 @@ def main(args, params) -> None:
     names = [name.strip() for name in (args.metrics or "").split(",") if name.strip()]
     for name in names:
         check_reward_name(name, "--metrics")
+    store = ArtifactStore()
 
     def write(directory):
-        model = load_backbone(fetch(args.model, args.cache))
+        model = load_backbone(store.local_artifact(args.model, args.cache))
         if args.prompt_set:
             metas = prompt_set(args.prompt_set)
         else:
-            metas = read_jsonl(fetch(args.prompts, args.cache) / args.prompt_file)
+            metas = read_jsonl(store.local_artifact(args.prompts, args.cache) / args.prompt_file)
         weights = contextlib.nullcontext()
         if policy_state:
             print(f"policy: EMA weights of {policy_state}")
             policy = Policy(model, params.policy)
-            read_state(fetch(policy_state, args.cache), policy)
+            read_state(store.local_artifact(policy_state, args.cache), policy)
             weights = policy.ema_weights()
         with weights:
             if names:
@@ -55,8 +57,8 @@ def main(args, params) -> None:
         write_evaluation(directory, summary, records, images)
         print(format_table(summary["metrics"] if names else {args.name: summary}))
 
-    publish(args.out, write, {"stage": "evaluate", "model": args.model, "policy_state": policy_state,
-                              "prompts": args.prompt_set or args.prompts, "metrics": names or ["geneval_strict"]})
+    store.publish(args.out, write, {"stage": "evaluate", "model": args.model, "policy_state": policy_state,
+                                    "prompts": args.prompt_set or args.prompts, "metrics": names or ["geneval_strict"]})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Stage: the shapes world's fixed test prompts and its training prompts as GenEval JSONL, one artifact."""
 
 from elborl.geneval.prompts import shapes_test_set, shapes_train_set, write_jsonl
-from stages._common import publish, run_stage, stage_parser
+from elborl.store import ArtifactStore
+from stages._common import run_stage, stage_parser
 
 
 def main(args, params) -> None:
@@ -12,7 +13,7 @@ def main(args, params) -> None:
         write_jsonl(directory / "train.jsonl", train)
         print(f"{len(test)} test and {len(train)} train prompts")
 
-    publish(args.out, write, {"stage": "prepare_prompts"})
+    ArtifactStore().publish(args.out, write, {"stage": "prepare_prompts"})
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ The model is cached locally by its settings (a second run reuses it) and publish
 import shutil
 
 from elborl.pretrain import ensure_base_model
-from stages._common import publish, run_stage, stage_parser
+from elborl.store import ArtifactStore
+from stages._common import run_stage, stage_parser
 
 
 def main(args, params) -> None:
@@ -13,7 +14,7 @@ def main(args, params) -> None:
         _, path = ensure_base_model(params.base_model, params.pretrain, args.cache)
         shutil.copytree(path, directory, dirs_exist_ok=True)
 
-    publish(args.out, write, {"stage": "pretrain"})
+    ArtifactStore().publish(args.out, write, {"stage": "pretrain"})
 
 
 if __name__ == "__main__":

@@ -297,3 +297,35 @@ def test_fetch_object_caches_single_s3_objects(s3_env, tmp_path, monkeypatch):
     assert store.fetch_object(local) == local and store.fetch_object(local.as_uri()) == local
     with pytest.raises(FileNotFoundError, match="no file at"):
         store.fetch_object(tmp_path / "absent.pth")
+
+
+def test_publish_skips_published_artifacts_and_merges_metadata_from_the_work(base, tmp_path):
+    uri, calls, lines = f"{base}/runs/stage", [], []
+
+    def write(directory: Path) -> dict:
+        calls.append(directory)
+        (directory / "out.json").write_text('{"x": 1}')
+        return {"seconds": 2.5}
+
+    artifacts = ArtifactStore()
+    assert artifacts.publish(uri, write, {"stage": "demo"}, log=lines.append)
+    assert artifacts.read_manifest(uri)["meta"] == {"stage": "demo", "seconds": 2.5}
+    assert not artifacts.publish(uri, write, {"stage": "demo"}, log=lines.append)
+    assert len(calls) == 1 and not calls[0].exists()  # the work ran once, in a temporary directory
+    assert lines == [f"published {uri}", f"{uri}: already published, skipped"]
+
+
+def test_local_artifact_reads_local_in_place_and_caches_s3_by_manifest(base, tmp_path):
+    artifacts = ArtifactStore()
+    with pytest.raises(ArtifactNotFoundError):
+        artifacts.local_artifact(f"{base}/nothing", tmp_path / "cache")
+    uri = f"{base}/runs/model"
+    artifacts.put_artifact(make_source(tmp_path / "source"), uri)
+    local = artifacts.local_artifact(uri, tmp_path / "cache")
+    assert files_in(local).keys() >= files_in(tmp_path / "source").keys()
+    if base.startswith("s3://"):
+        assert local.parent == tmp_path / "cache"
+        assert artifacts.local_artifact(uri, tmp_path / "cache") == local  # fetched once, then reused
+    else:
+        assert local.resolve() == Path(urlparse(uri).path if uri.startswith("file:") else uri).resolve()
+        assert not (tmp_path / "cache").exists()

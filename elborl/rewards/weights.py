@@ -2,15 +2,14 @@
 
 An `s3://bucket/prefix` URI names an artifact published with `elborl.store` (manifest + sha256, safe
 formats only, so weights cross S3 as safetensors); it is fetched once into
-`$ELBORL_CACHE/rewards/<bucket>/<prefix>` (default `~/.cache/elborl/rewards/...`) and reused while the
-published manifest is unchanged. Local paths may also hold torch pickles (.pt/.pth/.bin, e.g. the
+`$ELBORL_CACHE/rewards/<manifest digest>` (default `~/.cache/elborl/rewards/...`) by the store's
+`local_artifact` and reused while the published manifest is unchanged. Local paths may also hold torch pickles (.pt/.pth/.bin, e.g. the
 published HPS v2.1 and LAION aesthetic checkpoints); those are read with `torch.load(weights_only=True)`,
 which refuses anything but tensors and plain containers.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -29,23 +28,9 @@ def resolve(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None)
         if not local.exists():
             raise FileNotFoundError(f"reward weights not found: {local}")
         return local
-    from elborl.store import MANIFEST, ArtifactStore
+    from elborl.store import ArtifactStore
 
-    store = ArtifactStore()
-    bucket, _, prefix = text[len("s3://"):].partition("/")
-    target = (Path(cache_dir) if cache_dir is not None else cache_root()) / bucket / prefix.strip("/")
-    remote = store.read_manifest(text)
-    if (target / MANIFEST).is_file():
-        if json.loads((target / MANIFEST).read_text()) == remote:
-            return target
-        raise FileExistsError(f"{target} holds a different artifact than {text} (published again?); remove it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        store.get_artifact(text, target)
-    except FileExistsError:  # another process fetched it meanwhile (artifacts land by an atomic rename)
-        if not (target / MANIFEST).is_file():
-            raise
-    return target
+    return ArtifactStore().local_artifact(text, cache_dir if cache_dir is not None else cache_root())
 
 
 def find_weights(path: Path, preferred: tuple[str, ...] = ()) -> Path:
