@@ -96,8 +96,11 @@ def training_times(n: int, shift: float, generator, sampling: str = "logit_norma
     return shift * u / (1 + (shift - 1) * u)
 
 
-def pretrain(model_config: ShapesModelConfig, config: PretrainConfig, progress: bool = True, log=print):
-    """Returns the EMA model (what gets saved and sampled) and a list of per-step losses."""
+def pretrain(model_config: ShapesModelConfig, config: PretrainConfig, progress: bool = True, log=print,
+             on_step=None):
+    """Returns the EMA model (what gets saved and sampled) and a list of per-step losses.
+
+    `on_step(step)` is called before each step (the timing benchmark uses it)."""
     torch.manual_seed(config.seed)
     model = ShapesFlowModel.from_config(model_config, seed=config.seed)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -108,6 +111,8 @@ def pretrain(model_config: ShapesModelConfig, config: PretrainConfig, progress: 
     losses, start = [], time.time()
     bar = tqdm(range(config.steps), desc="pretraining base model", disable=not progress)
     for step in bar:
+        if on_step is not None:
+            on_step(step)
         prompts, x0 = data.batch(config.batch_size)
         drop = torch.rand(len(prompts), generator=generator) < config.prompt_dropout
         prompts = ["" if d else p for p, d in zip(prompts, drop)]
