@@ -14,6 +14,7 @@ import yaml
 from elborl.evaluate import EvalConfig
 from elborl.models.shapes_model import ShapesModelConfig
 from elborl.policy import FINETUNE_MODES, PolicyConfig
+from elborl.geneval.types import TASKS
 from elborl.pretrain import LR_SCHEDULES, TIME_SAMPLINGS, PretrainConfig
 from elborl.rewards import RewardsConfig
 from elborl.rl import RLConfig
@@ -92,6 +93,11 @@ def _check(params: Params) -> None:
             raise ParamsError(f"{key} must be > 0, got {value}")
     if params.pretrain.lr_schedule not in LR_SCHEDULES:
         raise ParamsError(f"pretrain.lr_schedule: unknown schedule {params.pretrain.lr_schedule!r}; expected one of {LR_SCHEDULES}")
+    weights = params.pretrain.task_weights
+    if set(weights) - set(TASKS) or any(w < 0 for w in weights.values()) or (weights and not any(
+            weights.get(task, 1.0) > 0 for task in TASKS)):
+        raise ParamsError(f"pretrain.task_weights: expected weights >= 0, not all 0, for tasks among {TASKS}; "
+                          f"got {weights}")
     if params.pretrain.time_sampling not in TIME_SAMPLINGS:
         raise ParamsError(f"pretrain.time_sampling: unknown sampling {params.pretrain.time_sampling!r}; "
                           f"expected one of {TIME_SAMPLINGS}")

@@ -4,7 +4,7 @@ x_t = (1 - t) x0 + t eps, target velocity eps - x0 (METHOD.md §0); t is logit-n
 optionally shifted toward noise like the sampling schedule.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 import copy
 import hashlib
@@ -39,6 +39,9 @@ class PretrainConfig:
     # a 32x32 pixel world that is where an object's colour is decided: a few percent of signal already shows
     # it. A model trained logit-normal learns shapes but draws colours at random (measured: README).
     time_sampling: str = "logit_normal"
+    # Share of each GenEval task in the pretraining stream ({task: weight}, a missing task weighs 1; empty = all
+    # equal). Colour words are learned fast when every prompt has one and hardly at all in the equal mix (README).
+    task_weights: dict[str, float] = field(default_factory=dict)
     # "cosine" anneals the learning rate to 5% of its peak by the last step: in a budget this short the model
     # is far from converged, and annealing turns the last steps into fine convergence instead of noise.
     lr_schedule: str = "constant"
@@ -46,15 +49,23 @@ class PretrainConfig:
 
 
 class RenderedPrompts:
-    """An endless stream of (prompt, rendered image) batches over all six tasks, tasks equally likely."""
+    """An endless stream of (prompt, rendered image) batches over all six tasks, tasks equally likely unless
+    `task_weights` ({task: weight}, missing tasks weigh 1) says otherwise."""
 
-    def __init__(self, seed: int, vocab=SHAPES_VOCABULARY):
+    def __init__(self, seed: int, vocab=SHAPES_VOCABULARY, task_weights: dict | None = None):
         self.rng = np.random.default_rng(seed)
         self.by_task = [enumerate_prompts(vocab, task) for task in TASKS]
+        weights = np.array([float((task_weights or {}).get(task, 1.0)) for task in TASKS])
+        self.task_probabilities = weights / weights.sum() if task_weights else None
+
+    def _tasks(self, n: int) -> np.ndarray:
+        if self.task_probabilities is None:
+            return self.rng.integers(len(TASKS), size=n)
+        return self.rng.choice(len(TASKS), size=n, p=self.task_probabilities)
 
     def batch(self, n: int) -> tuple[list[str], torch.Tensor]:
         metas = []
-        for task in self.rng.integers(len(TASKS), size=n):
+        for task in self._tasks(n):
             records = self.by_task[task]
             metas.append(records[self.rng.integers(len(records))])
         images = np.stack([render(meta, self.rng)[0] for meta in metas])
@@ -106,7 +117,7 @@ def pretrain(model_config: ShapesModelConfig, config: PretrainConfig, progress: 
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
-    data = RenderedPrompts(config.seed)
+    data = RenderedPrompts(config.seed, task_weights=config.task_weights)
     generator = torch.Generator().manual_seed(config.seed)
     losses, start = [], time.time()
     bar = tqdm(range(config.steps), desc="pretraining base model", disable=not progress)

@@ -4,6 +4,7 @@ import sys
 import pytest
 
 from elborl.config import ParamsError, load_params, parse_params
+from elborl.geneval.types import TASKS
 
 
 def test_the_shipped_params_file_is_valid():
@@ -24,6 +25,8 @@ def test_the_shipped_params_file_is_valid():
     ({"policy": {"finetune": "adapters"}}, "policy.finetune: unknown mode"),
     ({"base_model": {"channels": [32, 48]}}, "multiples of 32"),
     ({"pretrain": {"time_sampling": "beta"}}, "pretrain.time_sampling: unknown sampling"),
+    ({"pretrain": {"task_weights": {"colours": 2}}}, "pretrain.task_weights"),
+    ({"pretrain": {"task_weights": {t: 0 for t in TASKS}}}, "not all 0"),
 ])
 def test_bad_values_name_the_key(raw, message):
     with pytest.raises(ParamsError) as error:

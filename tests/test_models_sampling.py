@@ -4,7 +4,8 @@ import torch
 
 from elborl.models.tokenizer import build_tokenizer
 from elborl.models.shapes_model import ShapesFlowModel
-from elborl.pretrain import PretrainConfig, pretrain, training_times
+from elborl.geneval.types import TASKS
+from elborl.pretrain import PretrainConfig, RenderedPrompts, pretrain, training_times
 from elborl.sampling import make_scheduler, sample, sampler_times, to_uint8
 from elborl.shapes.world import SHAPES_VOCABULARY
 
@@ -105,3 +106,16 @@ def test_training_times_uniform_covers_the_high_noise_end_that_logit_normal_skip
     assert float(shifted.median()) == pytest.approx(0.75, abs=0.02)  # shift 3 maps u = 0.5 to 0.75
     with pytest.raises(ValueError, match="time sampling"):
         training_times(4, 1.0, generator, "beta")
+
+
+def test_task_weights_set_the_pretraining_task_mix():
+    def task_shares(data):
+        prompts, _ = data.batch(3000)
+        tags = [next(t for t, records in zip(TASKS, data.by_task) if p in {r["prompt"] for r in records}) for p in prompts]
+        return {task: tags.count(task) / len(tags) for task in TASKS}
+
+    equal = task_shares(RenderedPrompts(0))
+    assert all(abs(share - 1 / 6) < 0.03 for share in equal.values())
+    weighted = task_shares(RenderedPrompts(0, task_weights={"colors": 4, "color_attr": 0}))
+    assert abs(weighted["colors"] - 4 / 8) < 0.03 and weighted["color_attr"] == 0  # 4 of 4 + 1 + 1 + 1 + 1
+    assert abs(weighted["counting"] - 1 / 8) < 0.03
