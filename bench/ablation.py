@@ -17,8 +17,8 @@ from itertools import product
 from pathlib import Path
 import argparse
 
-from elborl.benchmark import (RunResult, budget_from_args, format_score, load_bench_params, markdown_table,
-                              prepare_bench, run_or_reuse)
+from elborl.benchmark import (RunResult, add_budget_options, budget_from_args, format_score, load_bench_params,
+                              markdown_table, prepare_bench, run_or_reuse)
 from elborl.geneval.types import TASKS
 from elborl.plots import write_csv
 from elborl.rl import RLConfig
@@ -107,13 +107,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--estimators", nargs="+", default=list(ESTIMATORS), choices=ESTIMATORS)
     parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
     parser.add_argument("--seed", type=int, default=None, help="RL seed of every cell (default: params.yaml rl.seed)")
-    parser.add_argument("--minutes", type=float, default=None, help="training wall-clock per cell (default 15)")
-    parser.add_argument("--epochs", type=int, default=None, help="a budget in epochs instead of minutes")
     parser.add_argument("--eval-every", type=int, default=0,
                         help="epochs between held-out evaluations (default 0: the base model and the final policy)")
-    parser.add_argument("--out", default="artifacts/bench/ablation")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--smoke", action="store_true", help="tiny model and runs: checks the wiring in seconds")
+    add_budget_options(parser, "artifacts/bench/ablation")
     return parser.parse_args(argv)
 
 

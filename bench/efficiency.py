@@ -15,8 +15,8 @@ from dataclasses import replace
 from pathlib import Path
 import argparse
 
-from elborl.benchmark import (CURVE_COLUMNS, RunResult, budget_from_args, curve_rows, format_minutes, format_score,
-                              load_bench_params, markdown_table, mean_curve, prepare_bench, run_or_reuse, thresholds,
+from elborl.benchmark import (CURVE_COLUMNS, RunResult, add_budget_options, budget_from_args, curve_rows,
+                              format_minutes, format_score, load_bench_params, markdown_table, mean_curve, prepare_bench, run_or_reuse, thresholds,
                               time_ratio, time_to_threshold)
 from elborl.plots import plot_efficiency, write_csv
 
@@ -31,16 +31,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--recipes", nargs="+", default=["elbo", "flow_grpo", "nft"], help="params.yaml recipes")
     parser.add_argument("--reference", default="elbo", help="the method the baselines' times are divided by")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="RL seeds (rl.seed), the same per method")
-    parser.add_argument("--minutes", type=float, default=None, help="training wall-clock per run (default 15)")
-    parser.add_argument("--epochs", type=int, default=None, help="a budget in epochs instead of minutes")
     parser.add_argument("--eval-every", type=int, default=None, help="epochs between held-out evaluations "
                         "(default: params.yaml eval_every); times to a threshold are resolved to this interval")
     parser.add_argument("--thresholds", nargs="*", type=float, default=[0.35, 0.40, 0.45],
                         help="held-out overall scores to time")
     parser.add_argument("--gains", nargs="*", type=float, default=[0.05, 0.10, 0.15], help="gains over base to time")
-    parser.add_argument("--out", default="artifacts/bench/efficiency")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--smoke", action="store_true", help="tiny model and runs: checks the wiring in seconds")
+    add_budget_options(parser, "artifacts/bench/efficiency")
     return parser.parse_args(argv)
 
 

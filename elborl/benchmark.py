@@ -66,6 +66,15 @@ class Budget:
         return f"{self.minutes:g} min of training" if self.minutes is not None else f"{self.epochs} epochs"
 
 
+def add_budget_options(parser, out: str) -> None:
+    """The options every multi-run benchmark shares: the budget per run, where runs go, threads, smoke mode."""
+    parser.add_argument("--minutes", type=float, default=None, help="training wall-clock per run (default 15)")
+    parser.add_argument("--epochs", type=int, default=None, help="a budget in epochs instead of minutes")
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="tiny model and runs: checks the wiring in seconds")
+
+
 def budget_from_args(minutes: float | None, epochs: int | None, smoke: bool, default_minutes: float) -> Budget:
     """--epochs wins over --minutes; --smoke without either trains SMOKE_EPOCHS epochs."""
     if epochs is not None:
