@@ -98,6 +98,8 @@ def _check(params: Params) -> None:
             weights.get(task, 1.0) > 0 for task in TASKS)):
         raise ParamsError(f"pretrain.task_weights: expected weights >= 0, not all 0, for tasks among {TASKS}; "
                           f"got {weights}")
+    if not 0.0 <= params.pretrain.colour_captions <= 1.0:
+        raise ParamsError(f"pretrain.colour_captions: expected a share in [0, 1], got {params.pretrain.colour_captions}")
     if params.pretrain.time_sampling not in TIME_SAMPLINGS:
         raise ParamsError(f"pretrain.time_sampling: unknown sampling {params.pretrain.time_sampling!r}; "
                           f"expected one of {TIME_SAMPLINGS}")
@@ -115,6 +117,9 @@ def _check(params: Params) -> None:
         raise ParamsError(f"policy.finetune: unknown mode {params.policy.finetune!r}; expected one of {FINETUNE_MODES}")
     if params.eval_every < 0:
         raise ParamsError(f"eval_every must be >= 0, got {params.eval_every}")
+    if params.base_model.resnet_time_scale_shift not in ("default", "scale_shift"):
+        raise ParamsError("base_model.resnet_time_scale_shift: expected 'default' or 'scale_shift', got "
+                          f"{params.base_model.resnet_time_scale_shift!r}")
     if any(c % 32 for c in params.base_model.channels):
         raise ParamsError(f"base_model.channels must be multiples of 32 (group norm), got {params.base_model.channels}")
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from elborl.geneval.prompts import enumerate_prompts
+from elborl.geneval.prompts import describe_colours, enumerate_prompts
 from elborl.geneval.types import TASKS
 from elborl.models.shapes_model import ShapesFlowModel, ShapesModelConfig
 from elborl.sampling import from_uint8
@@ -42,6 +42,10 @@ class PretrainConfig:
     # Share of each GenEval task in the pretraining stream ({task: weight}, a missing task weighs 1; empty = all
     # equal). Colour words are learned fast when every prompt has one and hardly at all in the equal mix (README).
     task_weights: dict[str, float] = field(default_factory=dict)
+    # Share of the colour-free prompts (single object, two objects, counting, position) recaptioned to name the
+    # colours drawn, as descriptive recaptioning does for real pretraining data: "a photo of two circles" ->
+    # "a photo of two red circles". Colour words then come with most images instead of a third of them.
+    colour_captions: float = 0.0
     # "cosine" anneals the learning rate to 5% of its peak by the last step: in a budget this short the model
     # is far from converged, and annealing turns the last steps into fine convergence instead of noise.
     lr_schedule: str = "constant"
@@ -52,8 +56,9 @@ class RenderedPrompts:
     """An endless stream of (prompt, rendered image) batches over all six tasks, tasks equally likely unless
     `task_weights` ({task: weight}, missing tasks weigh 1) says otherwise."""
 
-    def __init__(self, seed: int, vocab=SHAPES_VOCABULARY, task_weights: dict | None = None):
-        self.rng = np.random.default_rng(seed)
+    def __init__(self, seed: int, vocab=SHAPES_VOCABULARY, task_weights: dict | None = None,
+                 colour_captions: float = 0.0):
+        self.rng, self.vocab, self.colour_captions = np.random.default_rng(seed), vocab, colour_captions
         self.by_task = [enumerate_prompts(vocab, task) for task in TASKS]
         weights = np.array([float((task_weights or {}).get(task, 1.0)) for task in TASKS])
         self.task_probabilities = weights / weights.sum() if task_weights else None
@@ -67,7 +72,11 @@ class RenderedPrompts:
         metas = []
         for task in self._tasks(n):
             records = self.by_task[task]
-            metas.append(records[self.rng.integers(len(records))])
+            meta = records[self.rng.integers(len(records))]
+            if self.colour_captions and self.rng.random() < self.colour_captions:  # no draw when off: same stream
+                colours = self.rng.choice(self.vocab.colors, size=len(meta["include"]))
+                meta = describe_colours(meta, [str(c) for c in colours], self.vocab)
+            metas.append(meta)
         images = np.stack([render(meta, self.rng)[0] for meta in metas])
         return [m["prompt"] for m in metas], from_uint8(images)
 
@@ -117,7 +126,7 @@ def pretrain(model_config: ShapesModelConfig, config: PretrainConfig, progress: 
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
-    data = RenderedPrompts(config.seed, task_weights=config.task_weights)
+    data = RenderedPrompts(config.seed, task_weights=config.task_weights, colour_captions=config.colour_captions)
     generator = torch.Generator().manual_seed(config.seed)
     losses, start = [], time.time()
     bar = tqdm(range(config.steps), desc="pretraining base model", disable=not progress)

@@ -27,6 +27,8 @@ def test_the_shipped_params_file_is_valid():
     ({"pretrain": {"time_sampling": "beta"}}, "pretrain.time_sampling: unknown sampling"),
     ({"pretrain": {"task_weights": {"colours": 2}}}, "pretrain.task_weights"),
     ({"pretrain": {"task_weights": {t: 0 for t in TASKS}}}, "not all 0"),
+    ({"pretrain": {"colour_captions": 1.5}}, "pretrain.colour_captions"),
+    ({"base_model": {"resnet_time_scale_shift": "film"}}, "base_model.resnet_time_scale_shift"),
 ])
 def test_bad_values_name_the_key(raw, message):
     with pytest.raises(ParamsError) as error:

@@ -119,3 +119,26 @@ def test_task_weights_set_the_pretraining_task_mix():
     weighted = task_shares(RenderedPrompts(0, task_weights={"colors": 4, "color_attr": 0}))
     assert abs(weighted["colors"] - 4 / 8) < 0.03 and weighted["color_attr"] == 0  # 4 of 4 + 1 + 1 + 1 + 1
     assert abs(weighted["counting"] - 1 / 8) < 0.03
+
+
+def test_colour_captions_name_the_drawn_colours_in_that_share_of_colour_free_prompts():
+    from elborl.shapes.detector import PaletteColorClassifier, ShapesDetector
+    from elborl.shapes.world import COLORS
+    from elborl.sampling import to_uint8
+
+    prompts_off, _ = RenderedPrompts(0).batch(600)
+    assert prompts_off == RenderedPrompts(0, colour_captions=0.0).batch(600)[0]  # off = the old stream
+    named = lambda prompts: sum(any(f" {c} " in p for c in COLORS) for p in prompts) / len(prompts)
+    half = RenderedPrompts(0, colour_captions=0.5).batch(1200)[0]
+    every = RenderedPrompts(0, colour_captions=1.0)
+    prompts_all, images = every.batch(60)
+    # colors and color_attr always name colours (1/3 of the stream); the rest: none, half or all of it
+    assert abs(named(prompts_off) - 1 / 3) < 0.05
+    assert abs(named(half) - (1 / 3 + 2 / 3 * 0.5)) < 0.05
+    assert named(prompts_all) == 1.0
+    # the image shows the colours the caption names
+    detector, classify = ShapesDetector(), PaletteColorClassifier()
+    for prompt, image in zip(prompts_all[:20], to_uint8(images)):
+        detections = [d for d in detector(image) if d.score > 0.3]
+        drawn = {classify(image, [d], d.label)[0] for d in detections}
+        assert drawn and all(colour in prompt.split() for colour in drawn), (prompt, drawn)

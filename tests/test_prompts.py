@@ -6,6 +6,7 @@ import pytest
 
 from elborl.geneval import prompts
 from elborl.geneval.prompts import (
+    describe_colours,
     enumerate_prompts,
     generate,
     read_jsonl,
@@ -204,3 +205,26 @@ def test_read_jsonl_names_file_and_line_of_malformed_record(tmp_path, bad_line, 
     with pytest.raises(ValueError, match=message) as error:
         read_jsonl(path)
     assert f"{path}:3" in str(error.value)
+
+
+def test_describe_colours_names_each_clause_colour_in_the_caption_and_metadata():
+    records = {task: by_prompt(enumerate_prompts(SHAPES_VOCABULARY, task)) for task in TASKS}
+    cases = [
+        (records["single_object"]["a photo of a circle"], ["orange"], "a photo of an orange circle"),
+        (records["two_object"]["a photo of a circle and a square"], ["red", "blue"],
+         "a photo of a red circle and a blue square"),
+        (records["counting"]["a photo of three triangles"], ["green"], "a photo of three green triangles"),
+        # position records list the reference (B) first; the caption reads A first
+        (records["position"]["a photo of a circle left of a square"], ["red", "yellow"],
+         "a photo of a yellow circle left of a red square"),
+    ]
+    for record, colours, caption in cases:
+        described = describe_colours(record, colours)
+        assert described["prompt"] == caption
+        assert [c["color"] for c in described["include"]] == colours
+        assert described["tag"] == record["tag"] and described["exclude"] == record["exclude"]
+        assert "color" not in record["include"][0]  # the enumerated record is not modified
+    coloured = records["colors"]["a photo of a red circle"]
+    assert describe_colours(coloured, ["blue"]) is coloured
+    with pytest.raises(ValueError, match="2 include clauses but 1 colours"):
+        describe_colours(cases[1][0], ["red"])

@@ -152,6 +152,33 @@ def make_record(vocab: Vocabulary, task: str, params: tuple) -> dict:
     return {"tag": task, "prompt": prompt, "include": include, "exclude": exclude}
 
 
+def describe_colours(record: dict, colours: list[str], vocab: Vocabulary = SHAPES_VOCABULARY) -> dict:
+    """The record recaptioned to name its objects' colours, one per include clause (a counted group shares one):
+    "a photo of three circles" -> "a photo of three red circles". Colours and colour attribution already name
+    theirs and come back unchanged. A pretraining caption, not a GenEval prompt: the metadata keeps the
+    record's tag, and the include clauses gain the colours so the rendered image matches the caption.
+    """
+    task, include = record["tag"], record["include"]
+    if task in ("colors", "color_attr"):
+        return record
+    if len(colours) != len(include):
+        raise ValueError(f"{len(include)} include clauses but {len(colours)} colours")
+    include = [{**clause, "color": colour} for clause, colour in zip(include, colours)]
+    coloured = [f"{with_article(c['color'])} {c['class']}" for c in include]
+    if task == "single_object":
+        prompt = f"a photo of {coloured[0]}"
+    elif task == "two_object":
+        prompt = f"a photo of {coloured[0]} and {coloured[1]}"
+    elif task == "counting":
+        (clause,) = include
+        prompt = f"a photo of {vocab.number_words[clause['count']]} {clause['color']} {plural(clause['class'])}"
+    elif task == "position":
+        prompt = f"a photo of {coloured[1]} {include[1]['position'][0]} {coloured[0]}"
+    else:
+        raise ValueError(f"unknown GenEval task {task!r}; expected one of {TASKS}")
+    return {**record, "prompt": prompt, "include": include}
+
+
 def enumerate_prompts(vocab: Vocabulary, task: str) -> list[dict]:
     """All distinct prompts of a task (for COCO's color_attr that is ~570k records)."""
     return [make_record(vocab, task, p) for p in task_parameters(vocab, task)]

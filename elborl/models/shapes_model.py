@@ -31,6 +31,10 @@ class ShapesModelConfig:
     # CLIP vector: every ResNet block then sees the prompt, not only the cross-attention layers. Global
     # attributes such as colour bind much more reliably this way.
     pooled_text: bool = True
+    # diffusers' `resnet_time_scale_shift`: "default" adds the time(+pooled prompt) embedding to every ResNet
+    # block's features; "scale_shift" uses it as a per-channel gain and bias (FiLM, as in ADM). A colour is a
+    # per-channel gain on an object's pixels, so the prompt can set it directly.
+    resnet_time_scale_shift: str = "default"
 
 
 @dataclass
@@ -78,6 +82,7 @@ class ShapesFlowModel(torch.nn.Module):
             only_cross_attention=(False,) + (True,) * (n - 2) + (False,),
             class_embed_type="projection" if config.pooled_text else None,
             projection_class_embeddings_input_dim=config.text_width if config.pooled_text else None,
+            resnet_time_scale_shift=config.resnet_time_scale_shift,
         )
         return cls(unet, CLIPTextModel(text_config), tokenizer, config)
 
