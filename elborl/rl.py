@@ -191,12 +191,15 @@ class EpochStats:
 
     def add(self, likelihood_current, likelihood_old, kl, optimality=None) -> None:
         self.terms = self.terms.merge(TermStats.of(likelihood_current.detach(), likelihood_old, self.clip_range))
-        self.kl.append(kl.detach())
+        if kl is not None:  # computed only when it is in the loss (kl_beta > 0): it costs a reference forward
+            self.kl.append(kl.detach())
         if optimality is not None:
             self.optimality.append(optimality)
 
     def summary(self) -> dict:
-        out = {**self.terms.summary(self.objective), "kl": float(torch.cat(self.kl).mean())}
+        out = self.terms.summary(self.objective)
+        if self.kl:
+            out["kl"] = float(torch.cat(self.kl).mean())
         if self.optimality:  # nft: the mean optimality probability r of the terms
             out["nft_r_mean"] = float(torch.cat(self.optimality).mean())
         return out
@@ -210,7 +213,7 @@ def _elbo_term_losses(policy, config, batch, cond, advantages, generator, stats:
         v_ref = policy.velocity(REFERENCE, x_t, t, cond) if config.kl_beta else None
         v_old = policy.velocity(OLD, x_t, t, cond)
     v = policy.velocity(CURRENT, x_t, t, cond)
-    kl = kl_to_reference(v, v_ref) if v_ref is not None else x0.new_zeros(len(x0))
+    kl = kl_to_reference(v, v_ref) if v_ref is not None else None
     elbo_current = elbo(v, x0, x_t, eps, t, config.weighting)
     elbo_old = elbo(v_old, x0, x_t, eps, t, config.weighting)
     if config.objective == "nft":
@@ -221,7 +224,7 @@ def _elbo_term_losses(policy, config, batch, cond, advantages, generator, stats:
     else:
         loss = policy_loss(config.objective, elbo_current, elbo_old, advantages, config.grpo_clip)
         stats.add(elbo_current, elbo_old, kl)
-    return loss + config.kl_beta * kl
+    return loss if kl is None else loss + config.kl_beta * kl
 
 
 def _guided_velocity(policy: Policy, which: str, x, t, cond, null_cond, guidance: float):
@@ -251,10 +254,9 @@ def _trajectory_term_losses(policy, config, batch, cond, null_cond, advantages, 
     v = velocity(CURRENT)
     log_prob = trajectory_log_prob(v, x, x_next, t, t_next, config.sde_noise)
     loss = policy_loss(config.objective, log_prob, log_prob_old, advantages, config.grpo_clip)
-    kl = (kl_between_steps(v, v_ref, x, t, t_next, config.sde_noise) if v_ref is not None
-          else x.new_zeros(len(x)))
+    kl = kl_between_steps(v, v_ref, x, t, t_next, config.sde_noise) if v_ref is not None else None
     stats.add(log_prob, log_prob_old, kl)
-    return loss + config.kl_beta * kl
+    return loss if kl is None else loss + config.kl_beta * kl
 
 
 def update(policy: Policy, optimizer, ro: Rollout, rewards: torch.Tensor, config: RLConfig, epoch: int) -> dict:

@@ -277,7 +277,10 @@ def test_a_short_run_of_each_baseline_through_the_one_loop(tmp_path, name, setti
 
 def test_the_elbo_row_keys_are_unchanged(tmp_path):
     train(tiny_policy(), METAS, brightness, recipe("elbo"), tmp_path, progress=False)
-    assert set(rows(tmp_path / "metrics.jsonl")[0]) - {"reward/colors", "reward/counting"} == ELBO_ROW_KEYS
+    # the elbo recipe has kl_beta 0 here, so the KL is neither computed nor logged (a 0 would read as measured)
+    assert set(rows(tmp_path / "metrics.jsonl")[0]) - {"reward/colors", "reward/counting"} == ELBO_ROW_KEYS - {"kl"}
+    train(tiny_policy(), METAS, brightness, recipe("elbo", kl_beta=1e-3), tmp_path / "kl", progress=False)
+    assert rows(tmp_path / "kl" / "metrics.jsonl")[0]["kl"] > 0
 
 
 def test_rounds_of_sde_rollouts_give_exactly_the_one_process_loop(tmp_path):
