@@ -239,6 +239,15 @@ def test_registry_names_unknown_rewards():
         make_reward("imagereward")
 
 
+def test_every_registered_factory_resolves_to_a_function_of_its_module():
+    import importlib
+    import inspect
+
+    for name, factory in REWARDS.items():
+        module, function = inspect.getclosurevars(factory).nonlocals["module"], factory.__name__
+        assert callable(getattr(importlib.import_module(f"elborl.rewards.{module}"), function)), name
+
+
 def test_params_rewards_section():
     assert load_params("params.yaml").rewards == RewardsConfig(weights={"shapes_geneval": 1.0})
     params = parse_params({"rewards": {"aggregate": "advantages", "weights": {"ocr": 1, "aesthetic": "5e-1"},

@@ -33,6 +33,7 @@ A weight of 0 keeps a reward computed (in `last_scores`, logged by the training 
 of training.
 """
 
+import importlib
 import math
 from dataclasses import dataclass, field, replace
 
@@ -40,71 +41,28 @@ import numpy as np
 
 
 # --- the registry ---------------------------------------------------------------------------------
-def _shapes_geneval(**kwargs):
-    from elborl.rewards.geneval import shapes_geneval_reward
+def _lazy(target: str):
+    """The factory `elborl.rewards.<module>:<function>`, imported on first call."""
+    module, function = target.split(":")
 
-    return shapes_geneval_reward(**kwargs)
+    def factory(**kwargs):
+        return getattr(importlib.import_module(f"elborl.rewards.{module}"), function)(**kwargs)
 
-
-def _geneval(**kwargs):
-    from elborl.rewards.geneval import mask2former_geneval_reward
-
-    return mask2former_geneval_reward(**kwargs)
-
-
-def _ocr(**kwargs):
-    from elborl.rewards.ocr import ocr_reward
-
-    return ocr_reward(**kwargs)
+    factory.__name__ = factory.__qualname__ = function
+    return factory
 
 
-def _clipscore(**kwargs):
-    from elborl.rewards.clip_family import clipscore_reward
-
-    return clipscore_reward(**kwargs)
-
-
-def _pickscore(**kwargs):
-    from elborl.rewards.clip_family import pickscore_reward
-
-    return pickscore_reward(**kwargs)
-
-
-def _hpsv2(**kwargs):
-    from elborl.rewards.clip_family import hpsv2_reward
-
-    return hpsv2_reward(**kwargs)
-
-
-def _aesthetic(**kwargs):
-    from elborl.rewards.clip_family import aesthetic_reward
-
-    return aesthetic_reward(**kwargs)
-
-
-def _jpeg_compressibility(**kwargs):
-    from elborl.rewards.jpeg import jpeg_compressibility
-
-    return jpeg_compressibility(**kwargs)
-
-
-def _jpeg_incompressibility(**kwargs):
-    from elborl.rewards.jpeg import jpeg_incompressibility
-
-    return jpeg_incompressibility(**kwargs)
-
-
-REWARDS = {
-    "shapes_geneval": _shapes_geneval,
-    "geneval": _geneval,
-    "ocr": _ocr,
-    "clipscore": _clipscore,
-    "pickscore": _pickscore,
-    "hpsv2": _hpsv2,
-    "aesthetic": _aesthetic,
-    "jpeg_compressibility": _jpeg_compressibility,
-    "jpeg_incompressibility": _jpeg_incompressibility,
-}
+REWARDS = {name: _lazy(target) for name, target in {
+    "shapes_geneval": "geneval:shapes_geneval_reward",
+    "geneval": "geneval:mask2former_geneval_reward",
+    "ocr": "ocr:ocr_reward",
+    "clipscore": "clip_family:clipscore_reward",
+    "pickscore": "clip_family:pickscore_reward",
+    "hpsv2": "clip_family:hpsv2_reward",
+    "aesthetic": "clip_family:aesthetic_reward",
+    "jpeg_compressibility": "jpeg:jpeg_compressibility",
+    "jpeg_incompressibility": "jpeg:jpeg_incompressibility",
+}.items()}
 # Rewards whose factory needs the location of model weights (rewards.paths.<name> in params.yaml).
 NEEDS_PATH = ("clipscore", "pickscore", "hpsv2", "aesthetic")
 AGGREGATES = ("weighted_sum", "advantages")
