@@ -276,8 +276,8 @@ def test_a_short_run_of_each_baseline_through_the_one_loop(tmp_path, name, setti
 
 
 def test_the_elbo_row_keys_are_unchanged(tmp_path):
-    train(tiny_policy(), METAS, brightness, recipe("elbo"), tmp_path, progress=False)
-    # the elbo recipe has kl_beta 0 here, so the KL is neither computed nor logged (a 0 would read as measured)
+    train(tiny_policy(), METAS, brightness, recipe("elbo", kl_beta=0.0), tmp_path, progress=False)
+    # with kl_beta 0 the KL is neither computed nor logged (a 0 would read as measured)
     assert set(rows(tmp_path / "metrics.jsonl")[0]) - {"reward/colors", "reward/counting"} == ELBO_ROW_KEYS - {"kl"}
     train(tiny_policy(), METAS, brightness, recipe("elbo", kl_beta=1e-3), tmp_path / "kl", progress=False)
     assert rows(tmp_path / "kl" / "metrics.jsonl")[0]["kl"] > 0
