@@ -6,7 +6,7 @@ Without --model it measures the base model params.yaml (with --set) describes, p
 Two measurements, both printed:
 
 1. **Sampled colours.** "a photo of a {colour} {shape}" for every colour and shape, --per-pair seeds each, sampled
-   like the evaluation (Euler 20, shift 3); the first confident detection's colour is named by the palette
+   with params.yaml's `evaluate:` sampler, steps and shift; the first confident detection's colour is named by the palette
    classifier the GenEval scorer uses. Reports the share drawn in the asked colour against chance (1 / colours)
    and the confusion (asked -> drawn).
 2. **Prompt sensitivity.** On one fixed x_t, how far (L2 over the image) the model's clean-image estimate
@@ -22,6 +22,7 @@ import json
 import torch
 
 from elborl.config import load_params_with_overrides
+from elborl.evaluate import EvalConfig
 from elborl.geneval.prompts import with_article
 from elborl.models import load_backbone
 from elborl.pretrain import ensure_base_model
@@ -34,15 +35,17 @@ PROBE_SWAPS = {"colour": "a photo of a blue circle", "shape": "a photo of a red 
                "count": "a photo of four circles", "no colour": "a photo of a circle"}
 
 
-def drawn_colours(model, per_pair: int, guidance: float, first_seed: int = 5000) -> list[tuple[str, str]]:
-    """(asked, drawn) per sample; drawn is 'none' when no detection clears GenEval's 0.3 threshold."""
+def drawn_colours(model, per_pair: int, guidance: float, settings: EvalConfig = EvalConfig(),
+                  first_seed: int = 5000) -> list[tuple[str, str]]:
+    """(asked, drawn) per sample, sampled as `settings` says; drawn is 'none' when no detection clears GenEval's
+    0.3 threshold."""
     asked, prompts = [], []
     for colour in COLORS:
         for shape in SHAPES:
             prompts += [f"a photo of {with_article(colour)} {shape}"] * per_pair
             asked += [colour] * per_pair
-    x0 = sample(model, prompts, list(range(first_seed, first_seed + len(prompts))), "euler", 20, 3.0,
-                guidance, batch_size=128, progress=True)
+    x0 = sample(model, prompts, list(range(first_seed, first_seed + len(prompts))), settings.sampler, settings.steps,
+                settings.shift, guidance, batch_size=settings.batch_size, progress=True)
     detector, classify = ShapesDetector(), PaletteColorClassifier()
     pairs = []
     for image, colour in zip(model.to_images(x0), asked):
@@ -73,16 +76,16 @@ def main() -> None:
     parser.add_argument("--out", default="artifacts/bench/colour_binding", help="writes colour_binding.json here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    params = load_params_with_overrides(args.params, args.set)
     if args.model:
         model, where = load_backbone(args.model), args.model
     else:
-        params = load_params_with_overrides(args.params, args.set)
         model, where = ensure_base_model(params.base_model, params.pretrain, Path(params.artifacts) / "base_model")
     model.requires_grad_(False)
     report = {"model": str(where), "chance": 1 / len(COLORS), "guidance": {}}
     print(f"model {where}; chance {1 / len(COLORS):.3f}")
     for guidance in args.guidance:
-        pairs = drawn_colours(model, args.per_pair, guidance)
+        pairs = drawn_colours(model, args.per_pair, guidance, params.evaluate)
         right = sum(a == d for a, d in pairs) / len(pairs)
         confusion = {colour: dict(Counter(d for a, d in pairs if a == colour).most_common()) for colour in COLORS}
         report["guidance"][guidance] = {"right_colour": right, "samples": len(pairs), "confusion": confusion}

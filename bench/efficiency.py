@@ -16,8 +16,8 @@ from pathlib import Path
 import argparse
 
 from elborl.benchmark import (CURVE_COLUMNS, RunResult, add_budget_options, budget_from_args, curve_rows,
-                              format_minutes, format_score, load_bench_params, markdown_table, mean_curve, prepare_bench, run_or_reuse, thresholds,
-                              time_ratio, time_to_threshold)
+                              format_minutes, format_score, load_bench_params, markdown_table, mean_curve,
+                              prepare_bench, run_or_reuse, thresholds, time_ratio, time_to_threshold)
 from elborl.plots import plot_efficiency, write_csv
 
 # METHOD.md §7: GPU hours to GenEval 0.95 on SD3.5-M, relative to the ELBO method.

@@ -12,7 +12,7 @@ import typing
 import yaml
 
 from elborl.evaluate import EvalConfig
-from elborl.models.shapes_model import ShapesModelConfig
+from elborl.models.shapes_model import RESNET_TIME_SCALE_SHIFTS, ShapesModelConfig
 from elborl.policy import FINETUNE_MODES, PolicyConfig
 from elborl.geneval.types import TASKS
 from elborl.pretrain import LR_SCHEDULES, TIME_SAMPLINGS, PretrainConfig
@@ -117,8 +117,8 @@ def _check(params: Params) -> None:
         raise ParamsError(f"policy.finetune: unknown mode {params.policy.finetune!r}; expected one of {FINETUNE_MODES}")
     if params.eval_every < 0:
         raise ParamsError(f"eval_every must be >= 0, got {params.eval_every}")
-    if params.base_model.resnet_time_scale_shift not in ("default", "scale_shift"):
-        raise ParamsError("base_model.resnet_time_scale_shift: expected 'default' or 'scale_shift', got "
+    if params.base_model.resnet_time_scale_shift not in RESNET_TIME_SCALE_SHIFTS:
+        raise ParamsError(f"base_model.resnet_time_scale_shift: expected one of {RESNET_TIME_SCALE_SHIFTS}, got "
                           f"{params.base_model.resnet_time_scale_shift!r}")
     if any(c % 32 for c in params.base_model.channels):
         raise ParamsError(f"base_model.channels must be multiples of 32 (group norm), got {params.base_model.channels}")

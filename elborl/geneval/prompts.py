@@ -123,33 +123,46 @@ def make_record(vocab: Vocabulary, task: str, params: tuple) -> dict:
     exclude: list[dict] = []
     if task == "single_object":
         (name,) = params
-        prompt = f"a photo of {with_article(name)}"
         include = [{"class": name, "count": 1}]
     elif task == "two_object":
         a, b = params
-        prompt = f"a photo of {with_article(a)} and {with_article(b)}"
         include = [{"class": a, "count": 1}, {"class": b, "count": 1}]
     elif task == "counting":
         name, n = params
-        prompt = f"a photo of {vocab.number_words[n]} {plural(name)}"
         include = [{"class": name, "count": n}]
         exclude = [{"class": name, "count": n + 1}]  # exactly n: n + 1 or more fails
     elif task == "colors":
         color, name = params
-        prompt = f"a photo of {with_article(color)} {name}"
         include = [{"class": name, "count": 1, "color": color}]
     elif task == "position":
         a, relation, b = params
-        prompt = f"a photo of {with_article(a)} {relation} {with_article(b)}"
         # GenEval lists the reference object first; A's position points at clause 0.
         include = [{"class": b, "count": 1}, {"class": a, "count": 1, "position": [relation, 0]}]
     elif task == "color_attr":
         c1, a, c2, b = params
-        prompt = f"a photo of {with_article(c1)} {a} and {with_article(c2)} {b}"
         include = [{"class": a, "count": 1, "color": c1}, {"class": b, "count": 1, "color": c2}]
     else:
         raise ValueError(f"unknown GenEval task {task!r}; expected one of {TASKS}")
-    return {"tag": task, "prompt": prompt, "include": include, "exclude": exclude}
+    return {"tag": task, "prompt": caption(task, include, vocab), "include": include, "exclude": exclude}
+
+
+def caption(task: str, include: list[dict], vocab: Vocabulary) -> str:
+    """A task's template filled from its include clauses; a clause with a colour is named with it."""
+
+    def named(clause: dict) -> str:
+        return with_article(f"{clause['color']} {clause['class']}" if clause.get("color") else clause["class"])
+
+    if task in ("single_object", "colors"):
+        return f"a photo of {named(include[0])}"
+    if task in ("two_object", "color_attr"):
+        return f"a photo of {named(include[0])} and {named(include[1])}"
+    if task == "counting":
+        (clause,) = include
+        words = [vocab.number_words[clause["count"]], clause.get("color"), plural(clause["class"])]
+        return "a photo of " + " ".join(w for w in words if w)
+    if task == "position":  # A (clause 1) relative to the reference B (clause 0)
+        return f"a photo of {named(include[1])} {include[1]['position'][0]} {named(include[0])}"
+    raise ValueError(f"unknown GenEval task {task!r}; expected one of {TASKS}")
 
 
 def describe_colours(record: dict, colours: list[str], vocab: Vocabulary = SHAPES_VOCABULARY) -> dict:
@@ -158,25 +171,13 @@ def describe_colours(record: dict, colours: list[str], vocab: Vocabulary = SHAPE
     theirs and come back unchanged. A pretraining caption, not a GenEval prompt: the metadata keeps the
     record's tag, and the include clauses gain the colours so the rendered image matches the caption.
     """
-    task, include = record["tag"], record["include"]
+    task = record["tag"]
     if task in ("colors", "color_attr"):
         return record
-    if len(colours) != len(include):
-        raise ValueError(f"{len(include)} include clauses but {len(colours)} colours")
-    include = [{**clause, "color": colour} for clause, colour in zip(include, colours)]
-    coloured = [f"{with_article(c['color'])} {c['class']}" for c in include]
-    if task == "single_object":
-        prompt = f"a photo of {coloured[0]}"
-    elif task == "two_object":
-        prompt = f"a photo of {coloured[0]} and {coloured[1]}"
-    elif task == "counting":
-        (clause,) = include
-        prompt = f"a photo of {vocab.number_words[clause['count']]} {clause['color']} {plural(clause['class'])}"
-    elif task == "position":
-        prompt = f"a photo of {coloured[1]} {include[1]['position'][0]} {coloured[0]}"
-    else:
-        raise ValueError(f"unknown GenEval task {task!r}; expected one of {TASKS}")
-    return {**record, "prompt": prompt, "include": include}
+    if len(colours) != len(record["include"]):
+        raise ValueError(f"{len(record['include'])} include clauses but {len(colours)} colours")
+    include = [{**clause, "color": colour} for clause, colour in zip(record["include"], colours)]
+    return {**record, "prompt": caption(task, include, vocab), "include": include}
 
 
 def enumerate_prompts(vocab: Vocabulary, task: str) -> list[dict]:

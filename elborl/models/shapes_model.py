@@ -19,6 +19,9 @@ from elborl.sampling import to_uint8
 from elborl.shapes.world import IMAGE_SIZE, SHAPES_VOCABULARY, Vocabulary
 
 
+RESNET_TIME_SCALE_SHIFTS = ("default", "scale_shift")
+
+
 @dataclass
 class ShapesModelConfig:
     image_size: int = IMAGE_SIZE
@@ -34,7 +37,7 @@ class ShapesModelConfig:
     # diffusers' `resnet_time_scale_shift`: "default" adds the time(+pooled prompt) embedding to every ResNet
     # block's features; "scale_shift" uses it as a per-channel gain and bias (FiLM, as in ADM). A colour is a
     # per-channel gain on an object's pixels, so the prompt can set it directly.
-    resnet_time_scale_shift: str = "default"
+    resnet_time_scale_shift: str = "default"  # one of RESNET_TIME_SCALE_SHIFTS
 
 
 @dataclass
