@@ -18,7 +18,7 @@ from pathlib import Path
 import argparse
 
 from elborl.benchmark import (RunResult, add_budget_options, budget_from_args, format_score, load_bench_params,
-                              markdown_table, prepare_bench, run_or_reuse)
+                              markdown_table, prepare_bench, provenance, run_or_reuse)
 from elborl.geneval.types import TASKS
 from elborl.plots import write_csv
 from elborl.rl import RLConfig
@@ -137,8 +137,8 @@ def main(argv=None) -> str:
     rows = [cell_row(cell, runs.get(cell.key)) for cell in cells]
     write_csv(out / "ablation.csv", COLUMNS, rows)
     base = next(iter(runs.values())).evals[0] if runs else None
-    header = (f"Budget {budget} per cell (rollout + reward + update), seed {params.rl.seed}, {args.threads} torch "
-              f"threads, cells one after another in one process from the same base model (`{bench.base_path}`); "
+    header = (f"Budget {budget} per cell (rollout + reward + update), seed {params.rl.seed}, "
+              f"{provenance(list(runs.values()), args.threads)}, all from the same base model (`{bench.base_path}`); "
               f"the other rl settings are recipe `{params.rl.recipe or 'none'}`'s (guidance {params.rl.guidance:g}, "
               f"{params.rl.steps} steps); overrides {args.set or 'none'}. Paper: SD3.5-M GenEval (METHOD.md §7)."
               + (" **Smoke run: tiny model, numbers mean nothing.**" if args.smoke else ""))

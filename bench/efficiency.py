@@ -4,7 +4,8 @@
     .venv/bin/python bench/efficiency.py --smoke --out /tmp/efficiency-smoke     # tiny, seconds: the wiring only
 
 Every run (recipe x seed, params.yaml `recipes:`) starts from the same base model with the same RL seed and trains
-for the same budget, one after another in this process (same CPU, --threads torch threads). Writes into --out:
+for the same budget, one after another in this process (same CPU, --threads torch threads); the summary says which
+runs it trained and which it read back from earlier calls. Writes into --out:
 curves.csv (every held-out evaluation of every run), efficiency.png (held-out overall and training reward vs
 minutes; thick = mean over seeds, thin = each seed) and summary.md (per method: base, final, best, time to fixed
 thresholds and to gains over base; each baseline's time over the reference method's, beside the paper's ratios),
@@ -17,7 +18,7 @@ import argparse
 
 from elborl.benchmark import (CURVE_COLUMNS, RunResult, add_budget_options, budget_from_args, curve_rows,
                               format_minutes, format_score, load_bench_params, markdown_table, mean_curve,
-                              prepare_bench, run_or_reuse, thresholds, time_ratio, time_to_threshold)
+                              prepare_bench, provenance, run_or_reuse, thresholds, time_ratio, time_to_threshold)
 from elborl.plots import plot_efficiency, write_csv
 
 # METHOD.md §7: GPU hours to GenEval 0.95 on SD3.5-M, relative to the ELBO method.
@@ -66,7 +67,7 @@ def main(argv=None) -> str:
                for row in curve_rows(recipe, seed, run)])
     plot_efficiency(*method_curves(runs), out / "efficiency.png")
     summary = efficiency_summary(runs, args.reference, args.thresholds, args.gains,
-                                 header=settings_line(args, budget, bench))
+                                 header=settings_line(args, budget, bench, runs))
     (out / "summary.md").write_text(summary + "\n")
     print(f"\n{summary}\n\nwritten: {out / 'curves.csv'}, {out / 'efficiency.png'}, {out / 'summary.md'}")
     return summary
@@ -83,10 +84,11 @@ def method_curves(runs: dict[str, dict[int, RunResult]]):
     return held_out, reward
 
 
-def settings_line(args, budget, bench) -> str:
+def settings_line(args, budget, bench, runs) -> str:
     evaluation = f"{len(bench.test)} test prompts × {bench.params.evaluate.images_per_prompt} images"
+    all_runs = [run for by_seed in runs.values() for run in by_seed.values()]
     return (f"Budget {budget} per run (rollout + reward + update; held-out evaluations excluded), seeds "
-            f"{args.seeds}, {args.threads} torch threads, runs one after another in one process; base model "
+            f"{args.seeds}, {provenance(all_runs, args.threads)}; base model "
             f"`{bench.base_path}`; held-out: {evaluation}, every {bench.params.eval_every} epochs (0: none) and at "
             f"the end (a time to a threshold is that of the first evaluation reaching it); overrides "
             f"{args.set or 'none'}" + ("; **smoke run: tiny model, numbers mean nothing**" if args.smoke else ""))

@@ -183,6 +183,19 @@ def run_or_reuse(bench: Bench, params: Params, run_dir: str | Path, budget: Budg
     return result
 
 
+def provenance(runs: list[RunResult], threads: int) -> str:
+    """How a table's runs shared the CPU, for its header: the runs trained by this call went one after another in
+    this process; read-back runs ran earlier, possibly in parallel processes, with the threads they recorded."""
+    fresh = sum(not run.reused for run in runs)
+    reused_threads = sorted({json.loads((run.run_dir / SETTINGS_FILE).read_text()).get("threads")
+                             for run in runs if run.reused}, key=str)
+    parts = [f"{fresh} trained now one after another in this process at {threads} torch threads"] if fresh else []
+    if len(runs) - fresh:
+        parts.append(f"{len(runs) - fresh} read back from earlier runs (trained at {reused_threads} torch threads; "
+                     "whether other processes shared the CPU then is not recorded)")
+    return f"{len(runs)} runs: " + "; ".join(parts)
+
+
 def collect_run(run_dir: str | Path, label: str, reused: bool = False) -> RunResult:
     run_dir = Path(run_dir)
     evals, metrics = read_jsonl_rows(run_dir / "eval.jsonl"), read_jsonl_rows(run_dir / "metrics.jsonl")

@@ -155,11 +155,13 @@ def test_efficiency_smoke_run_writes_everything_and_reuses_finished_runs(tmp_pat
     summary = (tmp_path / "summary.md").read_text()
     assert all(f"| {m} | 1 |" in summary for m in ("elbo", "flow_grpo", "nft"))
     assert "flow_grpo / elbo (paper 4.6×)" in summary and "smoke run" in summary
+    assert "3 runs: 3 trained now one after another in this process at 1 torch threads;" in summary
 
     capsys.readouterr()
     efficiency.main(argv)  # a second call trains nothing
     printed = capsys.readouterr().out
     assert printed.count("reusing the finished run") == 3 and "RL fine-tuning" not in printed
+    assert "3 runs: 3 read back from earlier runs (trained at [1] torch threads;" in (tmp_path / "summary.md").read_text()
     assert len((tmp_path / "runs" / "nft" / "seed0" / "metrics.jsonl").read_text().splitlines()) == 1
     assert read_csv(tmp_path / "curves.csv") == rows
 
