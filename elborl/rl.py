@@ -346,7 +346,11 @@ def train(policy: Policy, train_metas: list[dict], reward_fn, config: RLConfig, 
     if state is None and evaluate_fn:
         _log_eval(eval_path, evaluate_fn, policy, 0, 0.0, initial_eval)
     done, evaluated = start, False
-    bar = tqdm(range(start, config.epochs), initial=start, total=config.epochs, desc="RL epochs", disable=not progress)
+    # Under a wall-clock budget the epoch count is open (UNBOUNDED_EPOCHS): show training minutes against the budget
+    # instead of an epoch total that would make the ETA meaningless.
+    timed = max_train_seconds is not None
+    bar = tqdm(range(start, config.epochs), initial=start, total=float("inf") if timed else config.epochs, desc="RL epochs",
+               disable=not progress)
     for epoch in bar:
         t0 = time.perf_counter()
         ro = rollout(policy, choose_prompts(train_metas, config, epoch), config, epoch)
@@ -359,7 +363,8 @@ def train(policy: Policy, train_metas: list[dict], reward_fn, config: RLConfig, 
         train_seconds += t3 - t0
         row.update(seconds_rollout=t1 - t0, seconds_reward=t2 - t1, seconds_update=t3 - t2, train_seconds=train_seconds)
         _append_jsonl(metrics_path, row)
-        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", delta=f"{row['delta_mean']:.1e}")
+        budget = {"train_min": f"{train_seconds / 60:.1f}/{max_train_seconds / 60:.1f}"} if timed else {}
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", delta=f"{row['delta_mean']:.1e}", **budget)
         done = epoch + 1
         evaluated = bool(evaluate_fn and eval_every and done % eval_every == 0)
         if evaluated:

@@ -107,3 +107,12 @@ def test_a_multi_reward_logs_the_mean_of_each_reward(tmp_path):
     train(tiny_policy(), METAS, reward, small_config(epochs=1), tmp_path, progress=False)
     row = rows(tmp_path / "metrics.jsonl")[0]
     assert row["score/brightness"] == pytest.approx(row["reward_mean"]) and row["score/jpeg"] < 0
+
+
+def test_a_wall_clock_budget_ends_the_run_with_a_checkpoint_and_shows_minutes(tmp_path, capsys):
+    config = small_config(epochs=100_000, checkpoint_every=100)
+    train(tiny_policy(), METAS, brightness, config, tmp_path, progress=True, max_train_seconds=0.0)
+    assert [r["epoch"] for r in rows(tmp_path / "metrics.jsonl")] == [0]  # the first epoch already spends 0 s
+    assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["epoch"] == 1
+    bar = capsys.readouterr().err
+    assert "train_min=0.0/0.0" in bar and "/100000" not in bar  # no epoch total, so no meaningless ETA
