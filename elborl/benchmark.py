@@ -13,6 +13,7 @@ from pathlib import Path
 import copy
 import json
 
+import numpy as np
 import torch
 
 from elborl.config import Params, load_params_with_overrides
@@ -95,13 +96,17 @@ class Bench:
     train_set: list[dict] = field(repr=False)
     base_model: torch.nn.Module = field(repr=False)
     base_path: Path = Path()
-    _base_summary: dict | None = None
+    _base_evaluation: tuple | None = None
+
+    def base_evaluation(self) -> tuple[dict, list[dict], np.ndarray]:
+        """(summary, per-image records, images) of the base model on the held-out prompts."""
+        if self._base_evaluation is None:
+            print("evaluating the base model (held out) once for every run")
+            self._base_evaluation = evaluate(self.base_model, self.test, self.params.evaluate, progress=False)
+        return self._base_evaluation
 
     def base_summary(self) -> dict:
-        if self._base_summary is None:
-            print("evaluating the base model (held out) once for every run")
-            self._base_summary = evaluate(self.base_model, self.test, self.params.evaluate, progress=False)[0]
-        return self._base_summary
+        return self.base_evaluation()[0]
 
 
 def prepare_bench(params: Params, threads: int) -> Bench:

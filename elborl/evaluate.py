@@ -88,6 +88,7 @@ def write_evaluation(out_dir: str | Path, summary: dict, records: list[dict], im
 
 
 FRAMES = {True: (40, 170, 60), False: (200, 40, 40), None: (170, 170, 170)}  # GenEval-correct, wrong, no verdict
+GRID_TEXT_WIDTH = 300  # the prompt column left of a grid's images
 
 
 def grid_image(images: np.ndarray, records: list[dict], prompts_per_task: int = 3, scale: int = 3) -> Image.Image:
@@ -100,7 +101,7 @@ def grid_image(images: np.ndarray, records: list[dict], prompts_per_task: int = 
     for task in dict.fromkeys(r["tag"] for r in records):
         task_prompts = [p for p in rows if records[rows[p][0]]["tag"] == task]
         chosen += task_prompts[:prompts_per_task]
-    cell, text_width = images.shape[1] * scale + 4, 300
+    cell, text_width = images.shape[1] * scale + 4, GRID_TEXT_WIDTH
     columns = max(len(v) for v in rows.values())
     canvas = Image.new("RGB", (text_width + columns * cell, max(1, len(chosen)) * cell), "white")
     draw = ImageDraw.Draw(canvas)
@@ -112,6 +113,21 @@ def grid_image(images: np.ndarray, records: list[dict], prompts_per_task: int = 
             draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=FRAMES[records[i].get("correct")])
             tile = Image.fromarray(images[i]).resize((cell - 4, cell - 4), Image.NEAREST)
             canvas.paste(tile, (x + 2, y + 2))
+    return canvas
+
+
+def before_after(before: Image.Image, after: Image.Image, titles: tuple[str, str]) -> Image.Image:
+    """Two grids of the same prompts side by side (the second without its prompt column), titled above."""
+    if before.height != after.height:
+        raise ValueError(f"grids of different prompts: {before.height} and {after.height} px high")
+    gap, title_height = 16, 24
+    images = after.crop((GRID_TEXT_WIDTH, 0, after.width, after.height))
+    canvas = Image.new("RGB", (before.width + gap + images.width, title_height + before.height), "white")
+    canvas.paste(before, (0, title_height))
+    canvas.paste(images, (before.width + gap, title_height))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((GRID_TEXT_WIDTH + 4, 6), titles[0], fill="black")
+    draw.text((before.width + gap + 4, 6), titles[1], fill="black")
     return canvas
 
 

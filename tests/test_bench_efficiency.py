@@ -1,17 +1,20 @@
-"""bench/efficiency.py and bench/ablation.py: the table arithmetic on hand-made curves, the design-space cells,
-run reuse, and both benchmarks end to end in their --smoke configuration (tiny model, seconds)."""
+"""bench/efficiency.py, bench/ablation.py and bench/rl_curve.py: the table arithmetic on hand-made curves, the design-space cells,
+run reuse, and the benchmarks end to end in their --smoke configuration (tiny model, seconds)."""
 
 from pathlib import Path
 import csv
 import importlib.util
 import json
 
+from PIL import Image
 import pytest
 
 from elborl.benchmark import (DONE_FILE, SETTINGS_FILE, Bench, Budget, Ratio, RunResult, budget_from_args,
                               load_bench_params, mean_curve, run_or_reuse, settings_differences, thresholds,
                               time_ratio, time_to_threshold)
 from elborl.embedded import run_settings
+from elborl.evaluate import GRID_TEXT_WIDTH
+from elborl.plots import read_jsonl_rows
 from elborl.geneval.types import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +28,7 @@ def load_bench(name: str):
     return module
 
 
-efficiency, ablation = load_bench("efficiency"), load_bench("ablation")
+efficiency, ablation, rl_curve = load_bench("efficiency"), load_bench("ablation"), load_bench("rl_curve")
 
 
 # ------------------------------------------------------------------------------------------- pure arithmetic
@@ -177,3 +180,14 @@ def test_ablation_smoke_run_lists_every_cell(tmp_path):
     table = (tmp_path / "ablation.md").read_text()
     assert table.count("| impossible |") == 1 and "trajectory needs the stored SDE trajectory" in table
     assert "| base model |" in table and "the method (headline)" in table
+
+
+def test_rl_curve_smoke_run_writes_curves_and_grids_before_and_after(tmp_path, capsys):
+    out = tmp_path / "run"
+    rl_curve.main(["--smoke", "--params", PARAMS, "--out", str(out), "--threads", "1", "--epochs", "1"])
+    printed = capsys.readouterr().out
+    assert "time to +0.15:" in printed and "before_after.png" in printed
+    assert [e["epoch"] for e in read_jsonl_rows(out / "eval.jsonl")] == [0, 1]
+    before, after = Image.open(out / "base" / "grid.png"), Image.open(out / "final" / "grid.png")
+    both = Image.open(out / "before_after.png")
+    assert both.height > before.height and both.width > before.width + after.width - GRID_TEXT_WIDTH

@@ -3,8 +3,10 @@
 import json
 
 import numpy as np
+import pytest
 
-from elborl.evaluate import EvalConfig, evaluate, evaluate_metrics, write_evaluation
+from elborl.evaluate import GRID_TEXT_WIDTH, EvalConfig, before_after, evaluate, evaluate_metrics, grid_image, \
+    write_evaluation
 from elborl.prompt_sets import prompt_set
 from elborl.rewards import make_reward
 
@@ -39,3 +41,19 @@ def test_a_drawbench_style_set_is_scored_per_category(tiny_model):
                                      {"jpeg_compressibility": make_reward("jpeg_compressibility")}, progress=False)
     tasks = summary["metrics"]["jpeg_compressibility"]["tasks"]
     assert len(tasks) == 10 and "misspellings" in tasks and all(np.isfinite(v) for v in tasks.values())
+
+
+def test_before_after_puts_the_second_grid_beside_the_first_without_its_prompts():
+    records = [{"prompt": "a photo of a red circle", "tag": "colors", "correct": c} for c in (True, False)]
+    images = np.zeros((2, 8, 8, 3), dtype=np.uint8)
+    before = grid_image(images, records)
+    after = grid_image(images + 255, [{**r, "correct": True} for r in records])
+    both = before_after(before, after, ("base", "tuned"))
+    title, gap = both.height - before.height, both.width - before.width - (after.width - GRID_TEXT_WIDTH)
+    assert title > 0 and gap > 0
+    assert both.crop((0, title, before.width, both.height)).tobytes() == before.tobytes()
+    right = both.crop((both.width - (after.width - GRID_TEXT_WIDTH), title, both.width, both.height))
+    assert right.tobytes() == after.crop((GRID_TEXT_WIDTH, 0, after.width, after.height)).tobytes()
+    four_prompts = [{**records[0], "prompt": p} for p in "abcd"]  # four rows instead of one
+    with pytest.raises(ValueError, match="different prompts"):
+        before_after(before, grid_image(np.zeros((4, 8, 8, 3), np.uint8), four_prompts), ("base", "tuned"))
