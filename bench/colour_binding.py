@@ -6,8 +6,8 @@ Without --model it measures the base model params.yaml (with --set) describes, p
 Two measurements, both printed:
 
 1. **Sampled colours.** "a photo of a {colour} {shape}" for every colour and shape, --per-pair seeds each, sampled
-   with params.yaml's `evaluate:` sampler, steps and shift; the first confident detection's colour is named by the palette
-   classifier the GenEval scorer uses. Reports the share drawn in the asked colour against chance (1 / colours)
+   with params.yaml's `evaluate:` sampler, steps and shift; the first confident detection's colour is named by the
+   palette classifier the GenEval scorer uses. Reports the share drawn in the asked colour against chance (1 / colours)
    and the confusion (asked -> drawn).
 2. **Prompt sensitivity.** On one fixed x_t, how far (L2 over the image) the model's clean-image estimate
    x0-hat = x_t - t v moves when one word of "a photo of a red circle" changes: the colour, the shape, the count.

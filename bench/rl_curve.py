@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/rl_curve.py --minutes 15 [--set rl.lr=1e-3 --set policy.finetune=full ...]
     .venv/bin/python bench/rl_curve.py --epochs 30 --threads 1 --set rl.group_size=16 ...   # a sweep cell
-    .venv/bin/python bench/rl_curve.py --smoke --out /tmp/rl-curve-smoke   # the wiring in seconds (+ /tmp/rl-curve-smoke.smoke)
+    .venv/bin/python bench/rl_curve.py --smoke --out /tmp/rl-curve   # wiring only, seconds (model: /tmp/rl-curve.smoke)
 
 Prints one row per evaluation (training minutes, overall, per task), the gain over the base model, and the
 time to +0.15 / +0.25, and writes curves.png, the grids of the base model and of the final EMA policy (base/,
@@ -41,12 +41,11 @@ def main(argv=None) -> None:
     for gain in (0.15, 0.25):
         print(f"time to +{gain:.2f}: {format_minutes(time_to_threshold(run.held_out_curve(), run.base + gain))}")
     print(f"curves: {plot_run(out, out / 'curves.png')}")
-    base = write_evaluation(out / "base", *bench.base_evaluation())
+    base_grid, final_grid = write_evaluation(out / "base", *bench.base_evaluation())["grid"], out / "final" / "grid.png"
     titles = (f"base model: {run.base:.3f}",
               f"after {format_minutes(run.train_seconds)} of RL (EMA policy): {run.final['overall']:.3f}")
-    before_after(Image.open(base["grid"]), Image.open(out / "final" / "grid.png"), titles).save(out / "before_after.png")
-    print(f"grids: {out / 'base' / 'grid.png'} (base), {out / 'final' / 'grid.png'} (final EMA policy), side by side "
-          f"in {out / 'before_after.png'}")
+    before_after(Image.open(base_grid), Image.open(final_grid), titles).save(out / "before_after.png")
+    print(f"grids: {base_grid} (base), {final_grid} (final EMA policy), side by side in {out / 'before_after.png'}")
 
 
 if __name__ == "__main__":

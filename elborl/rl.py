@@ -349,8 +349,8 @@ def train(policy: Policy, train_metas: list[dict], reward_fn, config: RLConfig, 
     # Under a wall-clock budget the epoch count is open (UNBOUNDED_EPOCHS): show training minutes against the budget
     # instead of an epoch total that would make the ETA meaningless.
     timed = max_train_seconds is not None
-    bar = tqdm(range(start, config.epochs), initial=start, total=float("inf") if timed else config.epochs, desc="RL epochs",
-               disable=not progress)
+    bar = tqdm(range(start, config.epochs), initial=start, total=float("inf") if timed else config.epochs,
+               desc="RL epochs", disable=not progress)
     for epoch in bar:
         t0 = time.perf_counter()
         ro = rollout(policy, choose_prompts(train_metas, config, epoch), config, epoch)

@@ -1,5 +1,5 @@
-"""bench/efficiency.py, bench/ablation.py and bench/rl_curve.py: the table arithmetic on hand-made curves, the design-space cells,
-run reuse, and the benchmarks end to end in their --smoke configuration (tiny model, seconds)."""
+"""bench/efficiency.py, bench/ablation.py and bench/rl_curve.py: the table arithmetic on hand-made curves, the
+design-space cells, run reuse, and the benchmarks end to end in their --smoke configuration (tiny model, seconds)."""
 
 from pathlib import Path
 import csv
@@ -14,8 +14,8 @@ from elborl.benchmark import (DONE_FILE, SETTINGS_FILE, Bench, Budget, Ratio, Ru
                               time_ratio, time_to_threshold)
 from elborl.embedded import run_settings
 from elborl.evaluate import GRID_TEXT_WIDTH
-from elborl.plots import read_jsonl_rows
 from elborl.geneval.types import TASKS
+from elborl.plots import read_jsonl_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = str(ROOT / "params.yaml")
@@ -164,7 +164,8 @@ def test_efficiency_smoke_run_writes_everything_and_reuses_finished_runs(tmp_pat
     efficiency.main(argv)  # a second call trains nothing
     printed = capsys.readouterr().out
     assert printed.count("reusing the finished run") == 3 and "RL fine-tuning" not in printed
-    assert "3 runs: 3 read back from earlier runs (trained at [1] torch threads;" in (tmp_path / "summary.md").read_text()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "3 runs: 3 read back from earlier runs (trained at [1] torch threads;" in summary
     assert len((tmp_path / "runs" / "nft" / "seed0" / "metrics.jsonl").read_text().splitlines()) == 1
     assert read_csv(tmp_path / "curves.csv") == rows
 
