@@ -9,6 +9,7 @@ networks as separate copies.
 from contextlib import contextmanager
 from dataclasses import dataclass
 import copy
+import warnings
 
 import torch
 from peft import LoraConfig
@@ -45,7 +46,9 @@ class Policy:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(config.seed)
                 self.net.add_adapter(lora, adapter_name=CURRENT)
-                self.net.add_adapter(copy.deepcopy(lora), adapter_name=OLD)
+                with warnings.catch_warnings():  # peft warns on a model's second adapter: two are the design here
+                    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                    self.net.add_adapter(copy.deepcopy(lora), adapter_name=OLD)
             self._copies = {}
         else:
             self._copies = {OLD: copy.deepcopy(self.net), REFERENCE: copy.deepcopy(self.net)}
