@@ -26,14 +26,14 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--set", action="append", default=[], help="override, e.g. pretrain.steps=800")
     parser.add_argument("--out", default="artifacts/bench/base_model")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="for the evaluation; pretraining runs on pretrain.threads")
     parser.add_argument("--timing-steps", type=int, default=0,
                         help="only time this many pretraining steps (nothing cached) and project the full run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     params = load_params_with_overrides(args.params, args.set)
     if args.timing_steps:
-        return project_pretraining_time(params, args.timing_steps, args.threads)
+        return project_pretraining_time(params, args.timing_steps, params.pretrain.threads)
     root = Path(params.artifacts)
     test, _ = prepare_prompts(params, root / "prompts")
     model, path = ensure_base_model(params.base_model, params.pretrain, root / "base_model")
@@ -41,8 +41,8 @@ def main() -> None:
     summary, records, images = evaluate(model, test, params.evaluate)
     written = write_evaluation(args.out, summary, records, images)
     print(f"\nsettings: {json.dumps(args.set)}  model {path}")
-    print(f"pretraining: {log['seconds']:.0f} s ({log['seconds'] / 60:.2f} min) at {args.threads} threads"
-          " when it was trained")
+    print(f"pretraining: {log['seconds']:.0f} s ({log['seconds'] / 60:.2f} min) at "
+          f"{log['config'].get('threads', 'unrecorded')} threads when it was trained")
     print(format_table({"base": summary}))
     print(f"grid: {written['grid']}")
 

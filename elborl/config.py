@@ -86,6 +86,7 @@ def _build(cls, raw, where: str):
 
 def _check(params: Params) -> None:
     positive = {"prompts.train_per_task": params.prompts.train_per_task,"pretrain.steps": params.pretrain.steps, "pretrain.batch_size": params.pretrain.batch_size,
+                "pretrain.threads": params.pretrain.threads,
                 "pretrain.lr": params.pretrain.lr, "evaluate.steps": params.evaluate.steps,
                 "evaluate.images_per_prompt": params.evaluate.images_per_prompt}
     for key, value in positive.items():

@@ -22,6 +22,7 @@ def test_the_shipped_params_file_is_valid():
     ({"pretrain": {"stepz": 3}}, "unknown key(s) ['stepz']"),
     ({"pretrain": {"lr": "fast"}}, "pretrain.lr: expected float"),
     ({"evaluate": {"steps": 0}}, "evaluate.steps must be > 0"),
+    ({"pretrain": {"threads": 0}}, "pretrain.threads must be > 0"),
     ({"policy": {"finetune": "adapters"}}, "policy.finetune: unknown mode"),
     ({"base_model": {"channels": [32, 48]}}, "multiples of 32"),
     ({"pretrain": {"time_sampling": "beta"}}, "pretrain.time_sampling: unknown sampling"),

@@ -1,7 +1,10 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from elborl.config import load_params
 from elborl.models.tokenizer import build_tokenizer
 from elborl.models.shapes_model import ShapesFlowModel
 from elborl.geneval.types import TASKS
@@ -93,6 +96,18 @@ def test_pretraining_reduces_the_flow_matching_loss():
     _, losses = pretrain(TINY, PretrainConfig(steps=40, batch_size=8, lr=2e-3, warmup_steps=5), progress=False,
                          log=lambda *_: None)
     assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:5])
+
+
+def test_pretraining_runs_on_its_configured_threads_whatever_the_caller_uses():
+    # The default model: 1 and 2 threads sum in different orders there, so its losses part after one step.
+    model_config = load_params(Path(__file__).parents[1] / "params.yaml").base_model
+    config = PretrainConfig(steps=3, batch_size=8, threads=1)
+    runs = []
+    for caller_threads in (2, 1):
+        torch.set_num_threads(caller_threads)
+        runs.append(pretrain(model_config, config, progress=False, log=lambda *_: None)[1])
+        assert torch.get_num_threads() == caller_threads  # given back
+    assert runs[0] == runs[1]
 
 
 def test_training_times_uniform_covers_the_high_noise_end_that_logit_normal_skips():
