@@ -52,7 +52,8 @@ class PretrainConfig:
     seed: int = 0
     # CPU threads of the pretraining run. Part of the model's identity: summation order depends on the thread
     # count, so 1 and 2 threads give different weights after the first step (measured: 0.366 vs 0.391 held out).
-    # Fixing it makes the cached base model the same on every machine, whatever threads the caller runs with.
+    # Fixing it makes the cached base model the same on every machine of one CPU kind, whatever threads the
+    # caller runs with (other vector instructions may sum differently again).
     threads: int = 1
 
 

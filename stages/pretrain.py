@@ -1,6 +1,7 @@
 """Stage: pretrain the embedded base model by flow matching on rendered shapes and publish it.
 
-The model is cached locally by its settings (a second run reuses it) and published at --out."""
+The model is cached locally by its settings (a second run reuses it) and published at --out. Pretraining runs on
+params.yaml's pretrain.threads, not --threads: the thread count changes the weights (elborl/pretrain.py)."""
 
 import shutil
 
