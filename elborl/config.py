@@ -25,6 +25,7 @@ from elborl.sampling import ODE_SAMPLERS
 class PromptsConfig:
     train_per_task: int = 1000  # capped by what the world has left after removing the test prompts
     train_seed: int = 1
+    coloured_variants: bool = False  # add the colour-named counting and position prompts (geneval/prompts.py)
 
 
 @dataclass

@@ -27,7 +27,8 @@ from elborl.rl import train
 
 def prepare_prompts(params, out_dir: Path) -> tuple[list[dict], list[dict]]:
     test = shapes_test_set()
-    train_set = shapes_train_set(params.prompts.train_per_task, params.prompts.train_seed)
+    train_set = shapes_train_set(params.prompts.train_per_task, params.prompts.train_seed,
+                                 params.prompts.coloured_variants)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "test.jsonl", test)
     write_jsonl(out_dir / "train.jsonl", train_set)
@@ -36,7 +37,7 @@ def prepare_prompts(params, out_dir: Path) -> tuple[list[dict], list[dict]]:
 
 def run_settings(base_path: Path, params) -> dict:
     """Everything that defines an RL run from a base model (as plain JSON values): runs agree iff these do."""
-    settings = {"base": base_path.name, "policy": asdict(params.policy), "rl": asdict(params.rl),
+    settings = {"base": base_path.name, "prompts": asdict(params.prompts), "policy": asdict(params.policy), "rl": asdict(params.rl),
                 "rewards": asdict(params.rewards), "evaluate": asdict(params.evaluate),
                 "eval_every": params.eval_every}
     return json.loads(json.dumps(settings))

@@ -8,7 +8,8 @@ from stages._common import run_stage, stage_parser
 def main(args, params) -> None:
     def write(directory):
         test = shapes_test_set()
-        train = shapes_train_set(params.prompts.train_per_task, params.prompts.train_seed)
+        train = shapes_train_set(params.prompts.train_per_task, params.prompts.train_seed,
+                                 params.prompts.coloured_variants)
         write_jsonl(directory / "test.jsonl", test)
         write_jsonl(directory / "train.jsonl", train)
         print(f"{len(test)} test and {len(train)} train prompts")

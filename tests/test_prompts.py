@@ -173,6 +173,27 @@ def test_train_set_is_disjoint_from_test_set():
     assert not any(r["tag"] == "single_object" for r in shapes_train_set(5, 1))
 
 
+def test_coloured_variants_name_the_colours_as_clause_conditions_and_never_a_test_prompt():
+    plain = shapes_train_set(1000, 1)
+    train = shapes_train_set(1000, 1, coloured=True)
+    assert train[:len(plain)] == plain  # the colour-free prompts stay, first
+    test_prompts = {r["prompt"] for r in shapes_test_set()}
+    assert not {r["prompt"] for r in train} & test_prompts
+    assert len({r["prompt"] for r in train}) == len(train)
+    colours = SHAPES_VOCABULARY.colors
+    counting = [r for r in train[len(plain):] if r["tag"] == "counting"]
+    assert len(counting) == 9 * len(colours)  # 3 shapes x 3 numbers, every colour
+    four = by_prompt(counting)[f"a photo of four {colours[0]} circles"]
+    assert four["include"] == [{"class": "circle", "count": 4, "color": colours[0]}]
+    assert four["exclude"] == [{"class": "circle", "count": 5}]
+    position = [r for r in train[len(plain):] if r["tag"] == "position"]
+    assert len(position) == 24 * len(colours) ** 2
+    assert all(len(r["include"]) == 2 and all("color" in c for c in r["include"]) for r in position)
+    assert {r["tag"] for r in train[len(plain):]} == {"counting", "position"}
+    capped = shapes_train_set({"counting": 10, "position": 0}, 1, coloured=True)
+    assert sum(r["tag"] == "counting" for r in capped) == 10 and not any(r["tag"] == "position" for r in capped)
+
+
 def test_jsonl_round_trip(tmp_path):
     records = shapes_test_set()
     path = tmp_path / "prompts.jsonl"

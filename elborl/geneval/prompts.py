@@ -231,15 +231,40 @@ def shapes_test_set() -> list[dict]:
     return generate(SHAPES_VOCABULARY, SHAPES_TEST_COUNTS, SHAPES_TEST_SEED)
 
 
-def shapes_train_set(n_per_task, seed: int) -> list[dict]:
+# Tasks whose colour-free prompts the shapes world's test set nearly uses up (counting keeps 3 of 9 for training,
+# none with "four"), and whose templates can name colours without turning into another task.
+COLOURED_VARIANT_TASKS = ("counting", "position")
+
+
+def coloured_variants(vocab: Vocabulary, task: str) -> list[dict]:
+    """Every colour-naming of every prompt of `task` ("a photo of four circles" -> "... four red circles", one
+    colour per include clause, two clauses may share one): the task's skill (a count, a relation) asked with the
+    colours named, scored by the same rules (the colours become clause conditions)."""
+    records = []
+    for record in enumerate_prompts(vocab, task):
+        for colours in itertools.product(vocab.colors, repeat=len(record["include"])):
+            records.append(describe_colours(record, list(colours), vocab))
+    return records
+
+
+def shapes_train_set(n_per_task, seed: int, coloured: bool = False) -> list[dict]:
     """Training prompts of the shapes world: never a test prompt, whatever the seed.
 
     `n_per_task` is one count for every task or a {task: count} dict. Tasks whose prompts are
-    used up by the test set get fewer (single_object gets none).
+    used up by the test set get fewer (single_object gets none). `coloured` adds the colour-named variants of
+    COLOURED_VARIANT_TASKS (`coloured_variants`), up to the task's count in all, the colour-free prompts first.
     """
     counts = n_per_task if isinstance(n_per_task, dict) else {task: n_per_task for task in TASKS}
     test_prompts = {record["prompt"] for record in shapes_test_set()}
-    return generate(SHAPES_VOCABULARY, counts, seed, exclude_prompts=test_prompts)
+    records = generate(SHAPES_VOCABULARY, counts, seed, exclude_prompts=test_prompts)
+    if not coloured:
+        return records
+    for task in COLOURED_VARIANT_TASKS:
+        room = int(counts.get(task, 0)) - sum(r["tag"] == task for r in records)
+        variants = coloured_variants(SHAPES_VOCABULARY, task)
+        rng = np.random.default_rng([seed, TASKS.index(task), 1])
+        records += [variants[i] for i in rng.permutation(len(variants))[:max(room, 0)]]
+    return records
 
 
 def geneval_test_set() -> list[dict]:
