@@ -21,7 +21,11 @@ def plot_run(run_dir: str | Path, out_png: str | Path) -> Path:
     metrics, evals = read_jsonl_rows(run_dir / "metrics.jsonl"), read_jsonl_rows(run_dir / "eval.jsonl")
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     if metrics:
-        left.plot([m["epoch"] for m in metrics], [m["reward_mean"] for m in metrics], lw=1)
+        epochs, rewards = [m["epoch"] for m in metrics], [m["reward_mean"] for m in metrics]
+        left.plot(epochs, rewards, lw=0.8, alpha=0.5, label="per epoch")
+        # each epoch draws other prompts, so one epoch's mean swings by ±0.1; the trailing mean shows the trend
+        left.plot(epochs, trailing_mean(rewards, 10), lw=2, label="mean of the last 10")
+        left.legend(fontsize=7)
     left.set(xlabel="epoch", ylabel="training reward (dense)", title="rollout reward")
     if evals:
         minutes = [e["train_seconds"] / 60 for e in evals]
@@ -36,6 +40,11 @@ def plot_run(run_dir: str | Path, out_png: str | Path) -> Path:
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return Path(out_png)
+
+
+def trailing_mean(values: list[float], window: int) -> list[float]:
+    """The mean of each value and up to `window - 1` values before it."""
+    return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
 
 
 Curve = list[tuple[float, float]]  # (training seconds, value)

@@ -192,3 +192,15 @@ def test_rl_curve_smoke_run_writes_curves_and_grids_before_and_after(tmp_path, c
     before, after = Image.open(out / "base" / "grid.png"), Image.open(out / "final" / "grid.png")
     both = Image.open(out / "before_after.png")
     assert both.height > before.height and both.width > before.width + after.width - GRID_TEXT_WIDTH
+
+
+def test_trailing_mean_and_run_plot(tmp_path):
+    from elborl.plots import plot_run, trailing_mean
+    assert trailing_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert trailing_mean([2.0, 4.0], 10) == [2.0, 3.0]
+    rows = [{"epoch": e, "reward_mean": 0.5 + 0.01 * e} for e in range(12)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"epoch": 0, "train_seconds": 0, "overall": 0.4,
+                                                     "tasks": {"counting": 0.1}}) + "\n")
+    png = plot_run(tmp_path, tmp_path / "curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
