@@ -37,8 +37,8 @@ def prepare_prompts(params, out_dir: Path) -> tuple[list[dict], list[dict]]:
 
 def run_settings(base_path: Path, params) -> dict:
     """Everything that defines an RL run from a base model (as plain JSON values): runs agree iff these do."""
-    settings = {"base": base_path.name, "prompts": asdict(params.prompts), "policy": asdict(params.policy), "rl": asdict(params.rl),
-                "rewards": asdict(params.rewards), "evaluate": asdict(params.evaluate),
+    settings = {"base": base_path.name, "prompts": asdict(params.prompts), "policy": asdict(params.policy),
+                "rl": asdict(params.rl), "rewards": asdict(params.rewards), "evaluate": asdict(params.evaluate),
                 "eval_every": params.eval_every}
     return json.loads(json.dumps(settings))
 

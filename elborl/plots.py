@@ -44,7 +44,11 @@ def plot_run(run_dir: str | Path, out_png: str | Path) -> Path:
 
 def trailing_mean(values: list[float], window: int) -> list[float]:
     """The mean of each value and up to `window - 1` values before it."""
-    return [sum(values[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(values))]
+    means = []
+    for end in range(1, len(values) + 1):
+        recent = values[max(0, end - window):end]
+        means.append(sum(recent) / len(recent))
+    return means
 
 
 Curve = list[tuple[float, float]]  # (training seconds, value)

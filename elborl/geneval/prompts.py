@@ -261,7 +261,7 @@ def shapes_train_set(n_per_task, seed: int, coloured: bool = False) -> list[dict
         return records
     for task in COLOURED_VARIANT_TASKS:
         room = int(counts.get(task, 0)) - sum(r["tag"] == task for r in records)
-        variants = coloured_variants(SHAPES_VOCABULARY, task)
+        variants = [v for v in coloured_variants(SHAPES_VOCABULARY, task) if v["prompt"] not in test_prompts]
         rng = np.random.default_rng([seed, TASKS.index(task), 1])
         records += [variants[i] for i in rng.permutation(len(variants))[:max(room, 0)]]
     return records
