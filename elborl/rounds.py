@@ -134,7 +134,7 @@ def rollout_stage(ctx: RunContext, round_index: int) -> str:
     return out
 
 
-SAMPLER_KEYS = ("sampler", "steps", "shift", "guidance", "sde_noise")
+SAMPLER_KEYS = ("sampler", "steps", "shift", "guidance", "sde_noise", "precision")
 
 
 def _sample_tensors(ro: Rollout) -> dict:

@@ -231,6 +231,20 @@ def test_rewards_from_params():
     assert alone.names == ["jpeg_incompressibility"] and alone.weights.tolist() == [1.0]
 
 
+def test_the_strict_shapes_reward_is_the_held_out_verdict():
+    from elborl.evaluate import shapes_scorer
+
+    metas = shapes_test_set()[::4]
+    images = render_batch(metas, seed=3)
+    images[::2] = images[1::2]  # half the images show another prompt: some verdicts fail
+    verdicts = [s.correct for s in shapes_scorer().score(images, metas)]
+    strict = make_reward("shapes_geneval_strict")(images, metas)
+    assert True in verdicts and False in verdicts
+    assert strict.tolist() == [float(v) for v in verdicts]
+    both = reward_from_params(RewardsConfig(weights={"shapes_geneval": 1.0, "shapes_geneval_strict": 0.5}))
+    np.testing.assert_allclose(both(images, metas), make_reward("shapes_geneval")(images, metas) + 0.5 * strict)
+
+
 # --- registry and params --------------------------------------------------------------------------
 def test_registry_names_unknown_rewards():
     assert {"shapes_geneval", "geneval", "ocr", "clipscore", "pickscore", "hpsv2", "aesthetic",

@@ -88,6 +88,34 @@ def test_epoch_prompts_are_balanced_over_tasks():
     assert choose_prompts(skewed, small_config(), 3) == choose_prompts(skewed, small_config(), 3)
 
 
+def test_task_weights_shift_the_epoch_prompts_between_tasks():
+    from elborl.rl import choose_prompts
+
+    skewed = [{"tag": "color_attr", "prompt": f"p{i}"} for i in range(90)] + [{"tag": "counting", "prompt": "c"}]
+    config = small_config(prompts_per_epoch=4, task_weights={"color_attr": 0.25})
+    picks = [m["tag"] for e in range(100) for m in choose_prompts(skewed, config, e)]
+    assert 0.7 < picks.count("counting") / len(picks) < 0.9  # 1 / (1 + 0.25) = 0.8
+    never = small_config(task_weights={"color_attr": 0.0})
+    assert {m["tag"] for e in range(20) for m in choose_prompts(skewed, never, e)} == {"counting"}
+    with pytest.raises(ValueError, match="without training prompts: \\['colors'\\]"):
+        choose_prompts(skewed, small_config(task_weights={"colors": 2.0}), 0)
+    with pytest.raises(ValueError, match="task_weights"):
+        small_config(task_weights={"counting": -1.0}).validate()
+
+
+def test_bfloat16_rollouts_stay_close_to_float32_and_are_recorded():
+    policy = tiny_policy()
+    exact = rollout(policy, METAS, small_config(), epoch=0)
+    low = rollout(policy, METAS, small_config(rollout_precision="bfloat16"), epoch=0)
+    assert low.x0.dtype == torch.float32 and not torch.equal(low.x0, exact.x0)
+    assert (low.x0 - exact.x0).abs().mean() < 0.05 * exact.x0.abs().mean()
+    assert low.records()[0]["precision"] == "bfloat16" and "precision" not in exact.records()[0]
+    with pytest.raises(ValueError, match="rl.rollout_precision: bfloat16 rollouts need rl.estimator: elbo"):
+        small_config(rollout_precision="bfloat16", estimator="trajectory", sampler="sde").validate()
+    with pytest.raises(ValueError, match="unknown precision 'float16'"):
+        small_config(rollout_precision="float16").validate()
+
+
 def test_held_out_evaluations_start_before_training_and_end_with_the_final_policy(tmp_path):
     calls = []
 

@@ -6,6 +6,7 @@ their modules lazily, so importing this package stays light (numpy only).
 | name                   | module           | kwargs (main ones)                                   |
 |------------------------|------------------|------------------------------------------------------|
 | shapes_geneval         | geneval          | -                                                    |
+| shapes_geneval_strict  | geneval          | - (GenEval's strict verdict: 1 correct, 0 not)       |
 | geneval                | geneval          | Mask2Former GenEval reward's own                     |
 | ocr                    | ocr              | min_confidence, threads                              |
 | clipscore              | clip_family      | path, model_name                                     |
@@ -54,6 +55,7 @@ def _lazy(target: str):
 
 REWARDS = {name: _lazy(target) for name, target in {
     "shapes_geneval": "geneval:shapes_geneval_reward",
+    "shapes_geneval_strict": "geneval:shapes_geneval_strict_reward",
     "geneval": "geneval:mask2former_geneval_reward",
     "ocr": "ocr:ocr_reward",
     "clipscore": "clip_family:clipscore_reward",

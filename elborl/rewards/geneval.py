@@ -6,17 +6,25 @@ from elborl.geneval.scoring import GenEvalScorer
 
 
 class GenEvalReward:
-    def __init__(self, scorer: GenEvalScorer):
-        self.scorer = scorer
+    """The dense partial credit of each image, or (strict) 1.0 where GenEval's strict verdict is correct, else 0."""
+
+    def __init__(self, scorer: GenEvalScorer, strict: bool = False):
+        self.scorer, self.strict = scorer, strict
 
     def __call__(self, images: np.ndarray, metas: list[dict]) -> np.ndarray:
-        return np.array([s.reward for s in self.scorer.score(images, metas)], dtype=np.float32)
+        scores = self.scorer.score(images, metas)
+        return np.array([float(s.correct) if self.strict else s.reward for s in scores], dtype=np.float32)
 
 
-def shapes_geneval_reward() -> GenEvalReward:
+def shapes_geneval_reward(strict: bool = False) -> GenEvalReward:
     from elborl.evaluate import shapes_scorer
 
-    return GenEvalReward(shapes_scorer())
+    return GenEvalReward(shapes_scorer(), strict)
+
+
+def shapes_geneval_strict_reward() -> GenEvalReward:
+    """The held-out score's own verdict as a reward (1 or 0), to add to the dense one (params.yaml rewards.weights)."""
+    return shapes_geneval_reward(strict=True)
 
 
 # Names looked for in `path` (a local directory or an s3:// artifact of the store, e.g. params.yaml's
