@@ -43,8 +43,8 @@ class RLConfig:
     shift: float = 3.0
     guidance: float = 1.0  # 1.0 = CFG off (the recipe's headline setting)
     sde_noise: float = 0.7  # the sde sampler's a in σ_t = a sqrt(t / (1 − t)) (§6)
-    # bfloat16: rollouts under autocast (about 1.4x faster on a bf16 CPU or any recent GPU). Only the ELBO may use
-    # it: it needs nothing of the sampler but the final sample (§1), while the trajectory estimator compares
+    # bfloat16: rollouts under autocast (a forward pass 1.45x faster on an AVX-512 BF16 CPU, README). Only the ELBO
+    # may use it: it needs nothing of the sampler but the final sample (§1), while the trajectory estimator compares
     # against log-probs stored at rollout, which must come from the same arithmetic as the update's.
     rollout_precision: str = "float32"
     prompts_per_epoch: int = 4
