@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/gradient_agreement.py --compare "" --compare "rl.elbo_fraction=0.99"
 
+Settings of the update only (the ELBO's terms, weighting, objective): the rollout is made once with params.yaml's.
+
 One rollout of the base model (epoch 0's prompts and seeds, the reward of params.yaml) is held fixed; for each
 setting the epoch's gradient (one optimizer step's worth, nothing applied, KL off) is computed under several
 independent draws of the ELBO's times and noise (`rl.seed`, which seeds the update's draws and nothing of the

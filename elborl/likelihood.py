@@ -66,13 +66,8 @@ def expand_to_terms(x0: Tensor, times: Tensor) -> tuple[Tensor, Tensor]:
 def perturb(x0: Tensor, t: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """§0/§2 forward process with fresh noise per term: returns (x_t = (1 - t) x0 + t eps, eps)."""
     eps = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype).to(x0.device)
-    return noised(x0, t, eps), eps
-
-
-def noised(x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-    """§0: x_t = (1 - t) x0 + t eps for given noise."""
     t = per_row(t, x0)
-    return (1 - t) * x0 + t * eps
+    return (1 - t) * x0 + t * eps, eps
 
 
 def _mean_over_data(x: Tensor) -> Tensor:

@@ -21,8 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from elborl.checkpoint import load_latest_checkpoint, save_checkpoint
-from elborl.likelihood import (ESTIMATORS, WEIGHTINGS, elbo, elbo_times, expand_to_terms, noised, perturb,
-                               trajectory_log_prob, trajectory_terms)
+from elborl.likelihood import (ESTIMATORS, WEIGHTINGS, elbo, elbo_times, expand_to_terms, perturb, trajectory_log_prob,
+                               trajectory_terms)
 from elborl.objectives import (ADVANTAGE_MODES, OBJECTIVES, TermStats, group_advantages, kl_between_steps,
                                kl_to_reference, nft_loss, nft_optimality, policy_loss)
 from elborl.policy import CURRENT, OLD, REFERENCE, Policy
@@ -30,7 +30,6 @@ from elborl.sampling import SAMPLERS, guided_velocity, sample, sample_sde, sampl
 
 
 ROLLOUT_PRECISIONS = ("float32", "bfloat16")
-ELBO_NOISE = ("per_term", "per_group")
 
 
 @dataclass
@@ -64,11 +63,6 @@ class RLConfig:
     nft_beta: float = 1.0  # DiffusionNFT's b (§6)
     nft_loss_scale: float = 1.0  # DiffusionNFT's recipe multiplies its loss by 5
     elbo_fraction: float = 0.99
-    # per_term: §2's own draw, a time permutation per sample and fresh noise per term. per_group: every image of a
-    # prompt gets the same times and noise (Diffusion-DPO's trick for its image pairs), and a group's terms at one
-    # (t, eps) share an optimizer step: the advantages sum to zero over the group, so the part of the ELBO gradient
-    # that depends on (t, eps) and not on the image cancels instead of adding noise.
-    elbo_noise: str = "per_term"
     old_decay_rate: float = 0.001  # θ_old ← d θ_old + (1 − d) θ with d = min(rate · step, max)
     old_decay_max: float = 0.5
     ema_decay: float = 0.9
@@ -78,7 +72,7 @@ class RLConfig:
 
     def validate(self) -> None:
         choices = {"objective": OBJECTIVES, "estimator": ESTIMATORS, "weighting": WEIGHTINGS, "sampler": SAMPLERS,
-                   "advantage": ADVANTAGE_MODES, "elbo_noise": ELBO_NOISE}
+                   "advantage": ADVANTAGE_MODES}
         for key, valid in choices.items():
             if getattr(self, key) not in valid:
                 raise ValueError(f"rl.{key}: unknown {key} {getattr(self, key)!r}; expected one of {valid}")
@@ -214,30 +208,10 @@ def epoch_terms(ro: Rollout, config: RLConfig, generator: torch.Generator) -> tu
                                                         time_grid(config.steps, config.shift))
         return ro.trajectory.shape[1] - 2, {"x": x, "x_next": x_next, "t": t, "t_next": t_next,
                                             "stored_log_prob": stored}
-    times_of = sampler_times(config.sampler, config.steps, config.shift)
-    if config.elbo_noise == "per_term":
-        times = elbo_times(times_of, len(ro.seeds), generator, config.elbo_fraction)
-        x0_terms, t_terms = expand_to_terms(ro.x0, times)
-        return times.shape[1], {"x0": x0_terms, "t": t_terms}
-    group = torch.as_tensor(ro.group_ids)
-    group_times = elbo_times(times_of, int(group.max()) + 1, generator, config.elbo_fraction)
-    x0_terms, t_terms = expand_to_terms(ro.x0, group_times[group])
-    group_eps = torch.randn((*group_times.shape, *ro.x0.shape[1:]), generator=generator, dtype=ro.x0.dtype)
-    eps = group_eps[group].reshape(x0_terms.shape).to(ro.x0.device)
-    return group_times.shape[1], {"x0": x0_terms, "t": t_terms, "eps": eps}
-
-
-def term_order(ro: Rollout, config: RLConfig, per_sample: int, generator: torch.Generator) -> torch.Tensor:
-    """The order the epoch's terms go through the optimizer steps: shuffled; with `elbo_noise: per_group`, a group's
-    terms at one (t, eps) stay side by side, so they land in the same step where their shared noise cancels."""
-    n_terms = len(ro.seeds) * per_sample
-    if config.estimator != "elbo" or config.elbo_noise == "per_term":
-        return torch.randperm(n_terms, generator=generator)
-    group = torch.as_tensor(ro.group_ids)
-    units = [(g, k) for g in group.unique().tolist() for k in range(per_sample)]
-    members = {g: torch.nonzero(group == g).reshape(-1) for g in group.unique().tolist()}
-    return torch.cat([members[units[u][0]] * per_sample + units[u][1]
-                      for u in torch.randperm(len(units), generator=generator).tolist()])
+    times = elbo_times(sampler_times(config.sampler, config.steps, config.shift), len(ro.seeds), generator,
+                       config.elbo_fraction)
+    x0_terms, t_terms = expand_to_terms(ro.x0, times)
+    return times.shape[1], {"x0": x0_terms, "t": t_terms}
 
 
 class EpochStats:
@@ -266,11 +240,7 @@ class EpochStats:
 def _elbo_term_losses(policy, config, batch, cond, advantages, generator, stats: EpochStats):
     """ELBO terms (§2): the same x_t goes to current, old and reference; the objective is §3's, or nft (§6)."""
     x0, t = batch["x0"], batch["t"]
-    if "eps" in batch:  # drawn per group beforehand (elbo_noise: per_group)
-        eps = batch["eps"]
-        x_t = noised(x0, t, eps)
-    else:
-        x_t, eps = perturb(x0, t, generator)
+    x_t, eps = perturb(x0, t, generator)
     with torch.no_grad():
         v_ref = policy.velocity(REFERENCE, x_t, t, cond) if config.kl_beta else None
         v_old = policy.velocity(OLD, x_t, t, cond)
@@ -332,7 +302,7 @@ def update(policy: Policy, optimizer, ro: Rollout, rewards: torch.Tensor, config
         cond = policy.backbone.encode_prompts(prompts)
         guided = trajectory and config.guidance != 1.0
         null_cond = policy.backbone.encode_prompts([""] * len(prompts)) if guided else None
-    order = term_order(ro, config, per_sample, generator)
+    order = torch.randperm(len(terms["t"]), generator=generator)
     stats, grad_norms = EpochStats(config), []
     for chunk in order.chunk(config.optimizer_steps_per_epoch):
         optimizer.zero_grad(set_to_none=True)

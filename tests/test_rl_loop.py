@@ -116,42 +116,6 @@ def test_bfloat16_rollouts_stay_close_to_float32_and_are_recorded():
         small_config(rollout_precision="float16").validate()
 
 
-def test_per_group_noise_shares_times_and_noise_within_a_group_and_keeps_them_in_one_step():
-    from elborl.rl import epoch_terms, term_order
-
-    config = small_config(elbo_noise="per_group", group_size=4, prompts_per_epoch=3, steps=10, elbo_fraction=0.3,
-                          optimizer_steps_per_epoch=3)
-    ro = rollout(tiny_policy(), METAS + METAS[:1], config, epoch=0)
-    per_sample, terms = epoch_terms(ro, config, torch.Generator().manual_seed(0))
-    order = term_order(ro, config, per_sample, torch.Generator().manual_seed(1))
-    assert per_sample == 3 and sorted(order.tolist()) == list(range(36))  # every term once
-    for step in order.chunk(config.optimizer_steps_per_epoch):
-        for unit in step.split(config.group_size):  # 4 images of one prompt at one (t, eps)
-            assert len({ro.group_ids[i] for i in (unit // per_sample).tolist()}) == 1
-            assert torch.all(terms["t"][unit] == terms["t"][unit[0]])
-            assert torch.equal(terms["eps"][unit], terms["eps"][unit[:1]].expand_as(terms["eps"][unit]))
-    other_groups = terms["eps"][order[:4]] - terms["eps"][order[4:8]]
-    assert other_groups.abs().max() > 0.5
-    with pytest.raises(ValueError, match="rl.elbo_noise: unknown elbo_noise 'shared'"):
-        small_config(elbo_noise="shared").validate()
-
-
-@pytest.mark.parametrize("elbo_noise", ["per_term", "per_group"])
-def test_per_group_noise_cancels_the_gradient_where_a_group_holds_one_image(elbo_noise):
-    """Identical images of a prompt with different rewards: with the group's noise shared, their ELBO terms are
-    equal and the advantages sum to zero, so the policy gradient is 0; with fresh noise per term it is not."""
-    policy = tiny_policy()
-    config = small_config(elbo_noise=elbo_noise, kl_beta=0.0, group_size=4)
-    ro = rollout(policy, METAS, config, epoch=0)
-    ro.x0 = ro.x0[[0] * 4 + [4] * 4]  # each group: its first image four times
-    rewards = torch.tensor([0.0, 1.0, 0.2, 0.7, 0.9, 0.1, 0.4, 0.3])
-    metrics = update(policy, make_optimizer(policy, config), ro, rewards, config, epoch=0)
-    if elbo_noise == "per_group":
-        assert metrics["grad_norm"] < 1e-6
-    else:
-        assert metrics["grad_norm"] > 1e-4
-
-
 def test_held_out_evaluations_start_before_training_and_end_with_the_final_policy(tmp_path):
     calls = []
 
