@@ -27,7 +27,7 @@ from elborl.benchmark import load_bench_params, prepare_bench
 from elborl.config import load_params_with_overrides
 from elborl.policy import Policy
 from elborl.rewards import reward_from_params
-from elborl.rl import choose_prompts, rollout, update
+from elborl.rl import choose_prompts, epoch_terms, rollout, update
 
 
 class NoStep(torch.optim.SGD):
@@ -59,21 +59,23 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     params = load_bench_params(args.params, [])
+    # every setting is read (and a bad override refused) before any model work starts
+    settings = {setting or "params.yaml": replace(load_params_with_overrides(
+        args.params, [o for o in setting.split(",") if o.strip()]).rl, optimizer_steps_per_epoch=1)
+        for setting in args.compare or [""]}
     bench = prepare_bench(params, args.threads)
     policy = Policy(bench.base_model, params.policy)
     print(f"redrawing the {args.vary} {args.draws} times per setting")
     print("| setting | images per epoch | terms per image | cosine between draws | signal / noise | "
           "s rollout + update | signal / noise per 100 s |\n|---|---|---|---|---|---|---|")
     with reward_from_params(params.rewards) as reward_fn:
-        for setting in args.compare or [""]:
-            overrides = [o for o in setting.split(",") if o.strip()]
-            rl = replace(load_params_with_overrides(args.params, overrides).rl, optimizer_steps_per_epoch=1)
+        for name, rl in settings.items():
             prompts = choose_prompts(bench.train_set, rl, 0)
             gradients, seconds, fixed = [], [], None
             for draw in range(1, args.draws + 1):
                 start = time.perf_counter()
                 if fixed is None or args.vary == "rollout":
-                    ro = rollout(policy, prompts, replace(rl, seed=draw if args.vary == "rollout" else rl.seed), 0)
+                    ro = rollout(policy, prompts, replace(rl, seed=draw) if args.vary == "rollout" else rl, 0)
                     rewards = torch.as_tensor(reward_fn(policy.backbone.to_images(ro.x0), ro.metas),
                                               dtype=torch.float32)
                     fixed = ro, rewards
@@ -82,8 +84,8 @@ def main(argv=None) -> None:
             mean, spread = agreement(gradients)
             snr = mean / max(1 - mean, 1e-9)
             epoch_seconds = float(np.mean(seconds)) if args.vary == "rollout" else float("nan")
-            terms = max(1, int(rl.elbo_fraction * rl.steps + 1e-9))
-            print(f"| {setting or 'params.yaml'} | {len(fixed[0].seeds)} | {terms} | {mean:.3f} ± {spread:.3f} | "
+            terms, _ = epoch_terms(fixed[0], rl, torch.Generator())  # per image, as the update counts them
+            print(f"| {name} | {len(fixed[0].seeds)} | {terms} | {mean:.3f} ± {spread:.3f} | "
                   f"{snr:.3f} | {epoch_seconds:.1f} | {100 * snr / epoch_seconds:.2f} |", flush=True)
 
 

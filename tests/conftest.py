@@ -1,3 +1,5 @@
+from pathlib import Path
+import importlib.util
 import os
 
 import pytest
@@ -7,6 +9,15 @@ from elborl.models.shapes_model import ShapesFlowModel, ShapesModelConfig
 from s3server import S3ServerUnavailable, run_s3_server
 
 TINY = ShapesModelConfig(channels=(32, 32), text_width=32, text_layers=1)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_bench(name: str):
+    """bench/<name>.py as a module (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True)

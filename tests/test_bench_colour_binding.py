@@ -1,22 +1,17 @@
 """bench/colour_binding.py against oracle models whose Euler samples land exactly on a rendered image: one that
 draws the asked colour must score 1, one that draws everything red must score chance."""
 
-from pathlib import Path
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
 
+from conftest import load_bench
 from elborl.geneval.prompts import enumerate_prompts
 from elborl.sampling import from_uint8, to_uint8
 from elborl.shapes.render import render
 from elborl.shapes.world import COLORS, SHAPES_VOCABULARY
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("bench_colour_binding", ROOT / "bench" / "colour_binding.py")
-colour_binding = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(colour_binding)
+colour_binding = load_bench("colour_binding")
 
 
 class RenderingOracle:

@@ -3,12 +3,12 @@ design-space cells, run reuse, and the benchmarks end to end in their --smoke co
 
 from pathlib import Path
 import csv
-import importlib.util
 import json
 
 from PIL import Image
 import pytest
 
+from conftest import ROOT, load_bench
 from elborl.benchmark import (DONE_FILE, SETTINGS_FILE, Bench, Budget, Ratio, RunResult, budget_from_args,
                               load_bench_params, mean_curve, run_or_reuse, settings_differences, thresholds,
                               time_ratio, time_to_threshold)
@@ -17,15 +17,7 @@ from elborl.evaluate import GRID_TEXT_WIDTH
 from elborl.geneval.types import TASKS
 from elborl.plots import read_jsonl_rows
 
-ROOT = Path(__file__).resolve().parents[1]
 PARAMS = str(ROOT / "params.yaml")
-
-
-def load_bench(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 efficiency, ablation, rl_curve = load_bench("efficiency"), load_bench("ablation"), load_bench("rl_curve")

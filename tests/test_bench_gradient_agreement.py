@@ -1,25 +1,14 @@
 """bench/gradient_agreement.py: its gradients are the update's, reproducible per draw, and differ between draws."""
 
-from pathlib import Path
-import importlib.util
-
 import torch
 
+from conftest import load_bench
 from test_rl_loop import METAS, brightness, small_config, tiny_policy
 from elborl.rl import rollout
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_gradient_agreement", ROOT / "bench" / "gradient_agreement.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_the_same_draw_agrees_exactly_other_draws_do_not_and_the_weights_stay():
-    bench = load_bench()
+    bench = load_bench("gradient_agreement")
     policy, config = tiny_policy(), small_config(kl_beta=0.0)
     ro = rollout(policy, METAS, config, epoch=0)
     rewards = torch.as_tensor(brightness(policy.backbone.to_images(ro.x0), ro.metas))
