@@ -36,7 +36,7 @@ NORATIO_OBJECTIVES = ("epg_noratio", "pepg_noratio", "par_noratio")
 LIKELIHOOD_OBJECTIVES = RATIO_OBJECTIVES + NORATIO_OBJECTIVES + ("flow_grpo",)  # what `policy_loss` computes
 OBJECTIVES = LIKELIHOOD_OBJECTIVES + ("nft",)
 CLIPPED_OBJECTIVES = ("grpo", "flow_grpo")  # PPO clip: the clip fraction is worth logging
-ADVANTAGE_MODES = ("recipe", "std")
+ADVANTAGE_MODES = ("recipe", "std", "positive")
 
 STD_FLOOR = 1e-6  # guards the global std of a batch whose rewards are (nearly) all equal
 
@@ -71,11 +71,15 @@ def group_advantages(rewards: Tensor, group_ids, mode: str = "recipe", scale: fl
     recipe: scale · (R − mean_group R), no std normalisation, no clipping (the ELBO objectives' recipe).
     std:    (R − mean_group R) / std_global, clipped to ±clip (GRPO's, and Flow-GRPO's §6). std_global
             is the population std of the whole batch, floored at 1e-6.
+    positive: scale · max(R − mean_group R, 0) (ours, not the recipe's): only the better half of a group is
+            reinforced and no term pushes a sample's likelihood down, as in reward-weighted regression.
     """
     rewards = rewards.reshape(-1).float()
     centred = rewards - group_means(rewards, group_ids)
     if mode == "recipe":
         return scale * centred
+    if mode == "positive":
+        return scale * centred.clamp_min(0)
     if mode == "std":
         std = rewards.std(correction=0).clamp_min(STD_FLOOR)
         return (centred / std).clamp(-clip, clip)

@@ -63,6 +63,10 @@ class RLConfig:
     nft_beta: float = 1.0  # DiffusionNFT's b (§6)
     nft_loss_scale: float = 1.0  # DiffusionNFT's recipe multiplies its loss by 5
     elbo_fraction: float = 0.99
+    # ELBO times drawn only among the sampler times in [elbo_min_time, elbo_max_time] (0 and 1 = all, §2): terms at
+    # low t carry almost no signal about what the reward judges on the shapes world (README, "Where the signal is")
+    elbo_min_time: float = 0.0
+    elbo_max_time: float = 1.0
     old_decay_rate: float = 0.001  # θ_old ← d θ_old + (1 − d) θ with d = min(rate · step, max)
     old_decay_max: float = 0.5
     ema_decay: float = 0.9
@@ -89,6 +93,13 @@ class RLConfig:
             raise ValueError(f"rl.task_weights must be finite and >= 0, got {self.task_weights}")
         if not 0 < self.elbo_fraction <= 1:
             raise ValueError(f"rl.elbo_fraction must be in (0, 1], got {self.elbo_fraction}")
+        if not 0 <= self.elbo_min_time <= self.elbo_max_time <= 1:
+            raise ValueError(f"rl.elbo_min_time and rl.elbo_max_time need 0 <= min <= max <= 1, got "
+                             f"{self.elbo_min_time} and {self.elbo_max_time}")
+        times = sampler_times(self.sampler, self.steps, self.shift)
+        if self.estimator == "elbo" and not bool(((times >= self.elbo_min_time) & (times <= self.elbo_max_time)).any()):
+            raise ValueError(f"rl.elbo_min_time {self.elbo_min_time} and rl.elbo_max_time {self.elbo_max_time} leave "
+                             f"none of the {self.steps}-step {self.sampler} sampler's times {times.tolist()}; widen them")
         if not (self.lr > 0 and self.grad_clip > 0 and self.kl_beta >= 0 and 0 <= self.ema_decay < 1):
             raise ValueError("rl: lr and grad_clip must be > 0, kl_beta >= 0, ema_decay in [0, 1)")
         if not (self.grpo_clip > 0 and self.nft_beta > 0 and self.nft_loss_scale > 0 and self.sde_noise >= 0):
@@ -209,7 +220,7 @@ def epoch_terms(ro: Rollout, config: RLConfig, generator: torch.Generator) -> tu
         return ro.trajectory.shape[1] - 2, {"x": x, "x_next": x_next, "t": t, "t_next": t_next,
                                             "stored_log_prob": stored}
     times = elbo_times(sampler_times(config.sampler, config.steps, config.shift), len(ro.seeds), generator,
-                       config.elbo_fraction)
+                       config.elbo_fraction, config.elbo_min_time, config.elbo_max_time)
     x0_terms, t_terms = expand_to_terms(ro.x0, times)
     return times.shape[1], {"x0": x0_terms, "t": t_terms}
 

@@ -35,6 +35,23 @@ def test_elbo_times_keep_at_least_one_time():
     assert elbo_times(torch.rand(100), 2, torch.Generator().manual_seed(0)).shape == (2, 99)
 
 
+def test_elbo_times_min_time_draws_only_the_late_sampler_times():
+    times = sampler_times("dpm2", 10)  # 0.9997 ... 0.2498
+    drawn = elbo_times(times, 50, torch.Generator().manual_seed(0), fraction=0.3, min_time=0.6)
+    assert drawn.shape == (50, 3)  # still floor(0.3 * 10) terms per sample
+    assert bool((drawn >= 0.6).all())
+    assert set(drawn.reshape(-1).tolist()) == set(times[times >= 0.6].tolist())  # every eligible time is drawn
+    # K is capped at the eligible times; none eligible is an error naming the setting
+    assert elbo_times(times, 2, torch.Generator().manual_seed(0), min_time=0.9).shape == (2, int((times >= 0.9).sum()))
+    with pytest.raises(ValueError, match="min_time, max_time"):
+        elbo_times(times, 2, torch.Generator().manual_seed(0), min_time=0.99999)
+    window = elbo_times(times, 20, torch.Generator().manual_seed(0), fraction=0.1, min_time=0.5, max_time=0.9)
+    assert set(window.reshape(-1).tolist()) == set(times[(times >= 0.5) & (times <= 0.9)].tolist())
+    # min_time 0 is the recipe's draw, bit for bit
+    assert torch.equal(elbo_times(times, 6, torch.Generator().manual_seed(3), 0.3, 0.0),
+                       elbo_times(times, 6, torch.Generator().manual_seed(3), 0.3))
+
+
 def test_perturb_mixes_x0_and_fresh_noise_per_term():
     x0 = torch.randn(4, 3, 2, 2)
     t = torch.tensor([1.0, 0.5, 0.25, 0.0])
@@ -258,6 +275,11 @@ def test_recipe_advantages_centre_per_group_and_scale():
     assert torch.allclose(got, torch.tensor([0.06, 0.03, -0.04, -0.03, -0.02]), atol=1e-7)
     same = group_advantages(REWARDS, torch.tensor([7, 3, 7, 3, 7]), mode="recipe")
     assert torch.allclose(got, same)
+
+
+def test_positive_advantages_keep_only_the_better_than_group_part():
+    got = group_advantages(REWARDS, GROUPS, mode="positive", scale=0.5)
+    assert torch.allclose(got, torch.tensor([0.3, 0.15, 0.0, 0.0, 0.0]), atol=1e-7)
 
 
 def test_std_advantages_divide_by_the_global_std():
