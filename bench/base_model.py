@@ -35,8 +35,11 @@ def main() -> None:
     parser.add_argument("--timing-steps", type=int, default=0,
                         help="only time this many pretraining steps (nothing cached) and project the full run")
     parser.add_argument("--pass-at", type=int, default=0, metavar="N",
-                        help="sample N images per test prompt and print accuracy and pass@k per task (k = 1, 2, 4, ... N)")
+                        help="sample N images per test prompt and print accuracy (pass@1) and pass@k per task for "
+                             "k = 2, 4, 8, ... up to N")
     args = parser.parse_args()
+    if args.pass_at < 0:
+        parser.error(f"--pass-at must be a number of images per prompt >= 1, got {args.pass_at}")
     torch.set_num_threads(args.threads)
     params = load_params_with_overrides(args.params, args.set)
     if args.timing_steps:
@@ -72,9 +75,11 @@ def pass_at_k_table(records: list[dict], n: int) -> str:
     table = {tag: [sum(c.values()) / (n * len(c))] + [sum(pass_at_k(n, x, k) for x in c.values()) / len(c) for k in ks]
              for tag, c in correct.items()}
     table["overall"] = [sum(col) / len(correct) for col in zip(*table.values())]
+    prompts = {tag: len(c) for tag, c in correct.items()}
+    prompts["overall"] = sum(prompts.values())
     header = "| task | prompts | accuracy | " + " | ".join(f"pass@{k}" for k in ks) + " |"
-    rows = [f"| {tag} | {len(correct.get(tag, {})) or sum(len(c) for c in correct.values())} | "
-            + " | ".join(f"{v:.3f}" for v in values) + " |" for tag, values in table.items()]
+    rows = [f"| {tag} | {prompts[tag]} | " + " | ".join(f"{v:.3f}" for v in values) + " |"
+            for tag, values in table.items()]
     return "\n".join([header, "|" + "---|" * (len(ks) + 3), *rows])
 
 

@@ -9,6 +9,7 @@ evaluation's sampler and seeds.
 """
 
 from dataclasses import replace
+from pathlib import Path
 import argparse
 import copy
 
@@ -28,17 +29,21 @@ def main(argv=None) -> None:
     parser.add_argument("--images-per-prompt", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.images_per_prompt < 1:
+        parser.error(f"--images-per-prompt must be >= 1, got {args.images_per_prompt}")
+    missing = [run for run in args.runs if not Path(run, "checkpoints", "latest.json").exists()]
+    if missing:  # refused before minutes of evaluation, not after
+        parser.error(f"no checkpoint (checkpoints/latest.json) in {', '.join(missing)}")
     params = load_bench_params(args.params, [])
     evaluation = replace(params.evaluate, images_per_prompt=args.images_per_prompt)
     bench = prepare_bench(params, args.threads)
-    summaries = {"base": evaluate(bench.base_model, bench.test, evaluation, progress=False)[0]}
+    print(f"evaluating the base model, then {len(args.runs)} run(s), {args.images_per_prompt} images per test prompt")
+    summaries = {"base": evaluate(bench.base_model, bench.test, evaluation)[0]}
     for run in args.runs:
         policy = Policy(copy.deepcopy(bench.base_model), params.policy)
         state = load_latest_checkpoint(f"{run}/checkpoints", policy, make_optimizer(policy, params.rl))
-        if state is None:
-            raise SystemExit(f"{run} holds no checkpoint (checkpoints/latest.json missing)")
         with policy.ema_weights(), torch.no_grad():
-            summary = evaluate(policy.backbone, bench.test, evaluation, progress=False)[0]
+            summary = evaluate(policy.backbone, bench.test, evaluation)[0]
         label = f"{run.rstrip('/').split('/')[-1]} @ {state['train_seconds'] / 60:.1f} min"
         summaries[label] = summary
         print(f"{label}: {summary['overall']:.3f} (epoch {state['epoch']})", flush=True)

@@ -34,6 +34,12 @@ ADAPTIVE_WEIGHT_FLOOR = 1e-5  # §2: w is clipped below at 1e-5
 EXACT_TIME_OFFSET = 1e-3  # §2: (1 - t) / (t + 1e-3)
 
 
+def times_in_window(times: Tensor, min_time: float = 0.0, max_time: float = 1.0) -> Tensor:
+    """The sampler times t with min_time <= t <= max_time, flattened (all of them for the default window)."""
+    flat = times.reshape(-1)
+    return flat[(flat >= min_time) & (flat <= max_time)]
+
+
 def elbo_times(times: Tensor, n_samples: int, generator: torch.Generator, fraction: float = 0.99,
                min_time: float = 0.0, max_time: float = 1.0) -> Tensor:
     """§2: per sample, a random permutation of the sampler's N times, keeping the first K = floor(fraction N).
@@ -49,9 +55,7 @@ def elbo_times(times: Tensor, n_samples: int, generator: torch.Generator, fracti
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     # the small offset keeps e.g. 0.29 * 100 = 28.999999999999996 from losing a time to rounding
     keep = max(1, math.floor(fraction * times.numel() + 1e-9))
-    if min_time > 0 or max_time < 1:
-        flat = times.reshape(-1)
-        times = flat[(flat >= min_time) & (flat <= max_time)]
+    times = times_in_window(times, min_time, max_time)
     n_times = times.numel()
     if n_times < 1:
         raise ValueError(f"elbo_times needs at least one sampler time in [min_time, max_time] = "

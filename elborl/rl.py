@@ -21,8 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from elborl.checkpoint import load_latest_checkpoint, save_checkpoint
-from elborl.likelihood import (ESTIMATORS, WEIGHTINGS, elbo, elbo_times, expand_to_terms, perturb, trajectory_log_prob,
-                               trajectory_terms)
+from elborl.likelihood import (ESTIMATORS, WEIGHTINGS, elbo, elbo_times, expand_to_terms, perturb, times_in_window,
+                               trajectory_log_prob, trajectory_terms)
 from elborl.objectives import (ADVANTAGE_MODES, OBJECTIVES, TermStats, group_advantages, kl_between_steps,
                                kl_to_reference, nft_loss, nft_optimality, policy_loss)
 from elborl.policy import CURRENT, OLD, REFERENCE, Policy
@@ -97,7 +97,7 @@ class RLConfig:
             raise ValueError(f"rl.elbo_min_time and rl.elbo_max_time need 0 <= min <= max <= 1, got "
                              f"{self.elbo_min_time} and {self.elbo_max_time}")
         times = sampler_times(self.sampler, self.steps, self.shift)
-        if self.estimator == "elbo" and not bool(((times >= self.elbo_min_time) & (times <= self.elbo_max_time)).any()):
+        if self.estimator == "elbo" and times_in_window(times, self.elbo_min_time, self.elbo_max_time).numel() == 0:
             raise ValueError(f"rl.elbo_min_time {self.elbo_min_time} and rl.elbo_max_time {self.elbo_max_time} leave "
                              f"none of the {self.steps}-step {self.sampler} sampler's times {times.tolist()}; widen them")
         if not (self.lr > 0 and self.grad_clip > 0 and self.kl_beta >= 0 and 0 <= self.ema_decay < 1):
