@@ -6,7 +6,8 @@ rollout sampler.
 
 A cell changes only rl.objective, rl.estimator and rl.sampler of params.yaml's rl settings (the `elbo` recipe by
 default: adaptive ELBO weighting, 10 steps, CFG off; GRPO also takes its std-normalised advantages, §3; trajectory
-cells sample in float32, which their stored log-probs need, whatever rl.rollout_precision says). Every
+cells sample and update in float32, which their stored log-probs need, whatever rl.rollout_precision and
+rl.update_precision say). Every
 cell trains from the same base model with the same seed for the same budget, one after another in this process,
 and its final EMA policy is evaluated held out. A cell the loop cannot run is listed with the reason its
 configuration check gives. Writes ablation.md and ablation.csv into --out and prints the table; finished runs
@@ -59,8 +60,10 @@ def design_cells(rl: RLConfig, objectives=OBJECTIVES, estimators=ESTIMATORS, sam
     """Every combination, each with its rl settings; the invalid ones carry the reason instead of being dropped."""
     cells = []
     for objective, estimator, sampler in product(objectives, estimators, samplers):
-        precision = rl.rollout_precision if estimator == "elbo" else "float32"
-        cell_rl = replace(rl, objective=objective, estimator=estimator, sampler=sampler, rollout_precision=precision,
+        elbo = estimator == "elbo"
+        cell_rl = replace(rl, objective=objective, estimator=estimator, sampler=sampler,
+                          rollout_precision=rl.rollout_precision if elbo else "float32",
+                          update_precision=rl.update_precision if elbo else "float32",
                           **OBJECTIVE_SETTINGS.get(objective, {}))
         try:
             cell_rl.validate()

@@ -4,10 +4,11 @@
 
 GenEval's 4 images per prompt (244 held-out images) move the overall score by about +-0.04 between evaluations;
 16 per prompt (976 images) measure a run's end point, and the base model's, four times as precisely. Each run's
-latest checkpoint is loaded onto the cached base model (`params.yaml`'s policy settings) and evaluated with the
-evaluation's sampler and seeds.
+latest checkpoint is loaded onto the cached base model (`params.yaml`'s policy settings) and its EMA weights (or,
+with `--weights current`, θ itself) are evaluated with the evaluation's sampler and seeds.
 """
 
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 import argparse
@@ -22,12 +23,31 @@ from elborl.policy import Policy
 from elborl.rl import make_optimizer
 
 
+def load_run_policy(run: str | Path, base_model, params) -> tuple[Policy, dict]:
+    """A run's latest checkpoint on a copy of the base model: its policy and the checkpoint's state."""
+    policy = Policy(copy.deepcopy(base_model), params.policy)
+    state = load_latest_checkpoint(Path(run, "checkpoints"), policy, make_optimizer(policy, params.rl))
+    return policy, state
+
+
+def evaluated_weights(policy: Policy, weights: str):
+    """The weights to evaluate in place: the EMA of θ ("ema") or θ itself ("current")."""
+    if weights not in ("ema", "current"):
+        raise ValueError(f"weights must be ema or current, got {weights!r}")
+    return policy.ema_weights() if weights == "ema" else nullcontext()
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories of bench/rl_curve.py (holding checkpoints/)")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--images-per-prompt", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--weights", choices=("ema", "current"), default="ema",
+                        help="the EMA of θ (what the benchmark evaluates) or θ itself: the EMA trails θ by about "
+                             "rl.ema_decay / (1 - rl.ema_decay) epochs")
+    parser.add_argument("--skip-base", action="store_true",
+                        help="evaluate only the runs (the base model's 16-image score is in the README: 0.432)")
     args = parser.parse_args(argv)
     if args.images_per_prompt < 1:
         parser.error(f"--images-per-prompt must be >= 1, got {args.images_per_prompt}")
@@ -37,14 +57,14 @@ def main(argv=None) -> None:
     params = load_bench_params(args.params, [])
     evaluation = replace(params.evaluate, images_per_prompt=args.images_per_prompt)
     bench = prepare_bench(params, args.threads)
-    print(f"evaluating the base model, then {len(args.runs)} run(s), {args.images_per_prompt} images per test prompt")
-    summaries = {"base": evaluate(bench.base_model, bench.test, evaluation)[0]}
+    print(f"evaluating {'' if args.skip_base else 'the base model, then '}{len(args.runs)} run(s), "
+          f"{args.images_per_prompt} images per test prompt")
+    summaries = {} if args.skip_base else {"base": evaluate(bench.base_model, bench.test, evaluation)[0]}
     for run in args.runs:
-        policy = Policy(copy.deepcopy(bench.base_model), params.policy)
-        state = load_latest_checkpoint(f"{run}/checkpoints", policy, make_optimizer(policy, params.rl))
-        with policy.ema_weights(), torch.no_grad():
+        policy, state = load_run_policy(run, bench.base_model, params)
+        with evaluated_weights(policy, args.weights), torch.no_grad():
             summary = evaluate(policy.backbone, bench.test, evaluation)[0]
-        label = f"{run.rstrip('/').split('/')[-1]} @ {state['train_seconds'] / 60:.1f} min"
+        label = f"{run.rstrip('/').split('/')[-1]} @ {state['train_seconds'] / 60:.1f} min ({args.weights})"
         summaries[label] = summary
         print(f"{label}: {summary['overall']:.3f} (epoch {state['epoch']})", flush=True)
     print(f"\n{args.images_per_prompt} images per test prompt\n" + format_table(summaries))

@@ -114,9 +114,11 @@ def test_design_cells_list_the_impossible_ones_with_the_reason():
     headline = next(c for c in cells if c.key == ("pepg", "elbo", "dpm2"))
     assert (headline.rl.objective, headline.rl.estimator, headline.rl.sampler) == ("pepg", "elbo", "dpm2")
     assert all(c.rl.advantage == ("std" if c.objective == "grpo" else "recipe") for c in cells)
-    # the ELBO cells keep the recipe's bfloat16 rollouts; trajectory cells need float32 for their stored log-probs
-    assert headline.rl.rollout_precision == "bfloat16"
-    assert all(c.rl.rollout_precision == "float32" for c in cells if c.estimator == "trajectory")
+    # the ELBO cells keep the recipe's bfloat16 rollouts and updates; trajectory cells need float32 for their
+    # stored log-probs
+    assert headline.rl.rollout_precision == "bfloat16" == headline.rl.update_precision
+    trajectory_cells = [c for c in cells if c.estimator == "trajectory"]
+    assert all(c.rl.rollout_precision == "float32" == c.rl.update_precision for c in trajectory_cells)
 
 
 # ------------------------------------------------------------------------------------------- run reuse

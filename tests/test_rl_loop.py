@@ -30,9 +30,9 @@ def rows(path):
     return [json.loads(line) for line in open(path)]
 
 
-@pytest.mark.parametrize("finetune", ["lora", "full"])
-def test_delta_is_exactly_zero_for_every_term_on_the_first_update(finetune):
-    policy, config = tiny_policy(finetune), small_config()
+@pytest.mark.parametrize("finetune,precision", [("lora", "float32"), ("full", "float32"), ("lora", "bfloat16")])
+def test_delta_is_exactly_zero_for_every_term_on_the_first_update(finetune, precision):
+    policy, config = tiny_policy(finetune), small_config(update_precision=precision)
     ro = rollout(policy, METAS, config, epoch=0)
     metrics = update(policy, make_optimizer(policy, config), ro, torch.rand(len(ro.seeds)), config, epoch=0)
     assert metrics["delta_abs_max"] == 0.0 and metrics["ratio_min"] == 1.0 == metrics["ratio_max"]
@@ -114,6 +114,31 @@ def test_bfloat16_rollouts_stay_close_to_float32_and_are_recorded():
         small_config(rollout_precision="bfloat16", estimator="trajectory", sampler="sde").validate()
     with pytest.raises(ValueError, match="unknown precision 'float16'"):
         small_config(rollout_precision="float16").validate()
+
+
+def epoch_gradient(config) -> torch.Tensor:
+    policy = tiny_policy()
+    ro = rollout(policy, METAS, config, epoch=0)
+    update(policy, torch.optim.SGD(policy.trainable_parameters(), lr=0.0), ro, torch.arange(6.0), config, epoch=0)
+    return torch.cat([p.grad.reshape(-1) for p in policy.trainable_parameters()])
+
+
+def test_bfloat16_updates_give_nearly_the_float32_gradient():
+    exact = epoch_gradient(small_config(kl_beta=0.0))
+    low = epoch_gradient(small_config(kl_beta=0.0, update_precision="bfloat16"))
+    assert not torch.equal(low, exact)  # autocast did change the arithmetic
+    assert torch.nn.functional.cosine_similarity(low, exact, dim=0) > 0.95
+    with pytest.raises(ValueError, match="rl.update_precision: bfloat16 updates need rl.estimator: elbo"):
+        small_config(update_precision="bfloat16", estimator="trajectory", sampler="sde").validate()
+    with pytest.raises(ValueError, match="rl.update_precision: unknown precision 'half'"):
+        small_config(update_precision="half").validate()
+
+
+def test_adam_momentum_is_the_configured_one():
+    policy = tiny_policy()
+    assert make_optimizer(policy, small_config(adam_beta1=0.98)).param_groups[0]["betas"] == (0.98, 0.999)
+    with pytest.raises(ValueError, match="rl.adam_beta1 must be in \\[0, 1\\)"):
+        small_config(adam_beta1=1.0).validate()
 
 
 def test_held_out_evaluations_start_before_training_and_end_with_the_final_policy(tmp_path):

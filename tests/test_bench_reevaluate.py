@@ -1,0 +1,45 @@
+"""bench/reevaluate.py: a finished run's checkpoint comes back with its EMA or its current weights, and bad input
+is refused before any evaluation."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import TINY, load_bench
+from test_rl_loop import METAS, brightness, small_config, tiny_policy
+from elborl.models.shapes_model import ShapesFlowModel
+from elborl.rl import train
+
+
+def trainable(policy):
+    return {n: p.detach().clone() for n, p in policy.trainable_named_parameters()}
+
+
+def test_the_run_policy_has_the_runs_current_and_ema_weights(tmp_path):
+    bench = load_bench("reevaluate")
+    config = small_config(epochs=2, checkpoint_every=2, ema_decay=0.5)
+    trained = tiny_policy()
+    train(trained, METAS, brightness, config, tmp_path, progress=False)
+    params = SimpleNamespace(policy=trained.config, rl=config)
+    loaded, state = bench.load_run_policy(tmp_path, ShapesFlowModel.from_config(TINY, seed=0), params)
+    assert state["epoch"] == 2
+    current, ema = trainable(trained), trained.ema
+    assert any(not torch.equal(current[n], ema[n]) for n in current)  # so the two checks below tell them apart
+    with bench.evaluated_weights(loaded, "current"):
+        assert all(torch.equal(p, current[n]) for n, p in trainable(loaded).items())
+    with bench.evaluated_weights(loaded, "ema"):
+        assert all(torch.equal(p, ema[n]) for n, p in trainable(loaded).items())
+    assert all(torch.equal(p, current[n]) for n, p in trainable(loaded).items())  # θ is back after the EMA
+    with pytest.raises(ValueError, match="weights must be ema or current"):
+        bench.evaluated_weights(loaded, "old")
+
+
+def test_runs_without_a_checkpoint_and_bad_counts_are_refused(tmp_path, capsys):
+    bench = load_bench("reevaluate")
+    with pytest.raises(SystemExit):
+        bench.main([str(tmp_path)])
+    assert "no checkpoint (checkpoints/latest.json)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main([str(tmp_path), "--images-per-prompt", "0"])
+    assert "--images-per-prompt must be >= 1" in capsys.readouterr().err
