@@ -13,13 +13,15 @@ from dataclasses import replace
 from pathlib import Path
 import argparse
 import copy
+import json
 
 import torch
 
-from elborl.benchmark import load_bench_params, prepare_bench
+from elborl.benchmark import SETTINGS_FILE, load_bench_params, prepare_bench
 from elborl.checkpoint import load_latest_checkpoint
 from elborl.evaluate import evaluate, format_table
 from elborl.policy import Policy
+from elborl.pretrain import cache_key
 from elborl.rl import make_optimizer
 
 
@@ -28,6 +30,18 @@ def load_run_policy(run: str | Path, base_model, params) -> tuple[Policy, dict]:
     policy = Policy(copy.deepcopy(base_model), params.policy)
     state = load_latest_checkpoint(Path(run, "checkpoints"), policy, make_optimizer(policy, params.rl))
     return policy, state
+
+
+def runs_on_other_bases(runs: list[str], base_name: str) -> list[str]:
+    """The runs whose recorded base model (bench_settings.json's "base") is not `base_name`: their adapters would
+    be evaluated on the wrong weights."""
+    other = []
+    for run in runs:
+        settings_path = Path(run, SETTINGS_FILE)
+        recorded = json.loads(settings_path.read_text()).get("base") if settings_path.exists() else None
+        if recorded is not None and recorded != base_name:
+            other.append(f"{run} (base {recorded})")
+    return other
 
 
 def evaluated_weights(policy: Policy, weights: str):
@@ -41,6 +55,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories of bench/rl_curve.py (holding checkpoints/)")
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--set", action="append", default=[],
+                        help="override as the run had it, e.g. pretrain.steps=5600 (the base model it started from)")
     parser.add_argument("--images-per-prompt", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--weights", choices=("ema", "current"), default="ema",
@@ -54,8 +70,13 @@ def main(argv=None) -> None:
     missing = [run for run in args.runs if not Path(run, "checkpoints", "latest.json").exists()]
     if missing:  # refused before minutes of evaluation, not after
         parser.error(f"no checkpoint (checkpoints/latest.json) in {', '.join(missing)}")
-    params = load_bench_params(args.params, [])
+    params = load_bench_params(args.params, args.set)
     evaluation = replace(params.evaluate, images_per_prompt=args.images_per_prompt)
+    base_name = cache_key(params.base_model, params.pretrain)
+    other_bases = runs_on_other_bases(args.runs, base_name)
+    if other_bases:  # before pretraining or evaluating anything
+        parser.error(f"{', '.join(other_bases)} started from another base model than {base_name}: pass the --set "
+                     "overrides the run was trained with (e.g. --set pretrain.steps=5600)")
     bench = prepare_bench(params, args.threads)
     print(f"evaluating {'' if args.skip_base else 'the base model, then '}{len(args.runs)} run(s), "
           f"{args.images_per_prompt} images per test prompt")

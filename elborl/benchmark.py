@@ -158,10 +158,22 @@ class RunResult:
 SETTINGS_FILE, DONE_FILE = "bench_settings.json", "bench_done.json"
 
 
-def run_or_reuse(bench: Bench, params: Params, run_dir: str | Path, budget: Budget, label: str) -> RunResult:
-    """Trains one run from the base model for `budget` into `run_dir`, or reads back the finished run there."""
+TRAIN_PROMPTS = ("train", "test")
+
+
+def run_or_reuse(bench: Bench, params: Params, run_dir: str | Path, budget: Budget, label: str,
+                 train_prompts: str = "train") -> RunResult:
+    """Trains one run from the base model for `budget` into `run_dir`, or reads back the finished run there.
+
+    `train_prompts="test"` is a diagnostic, not the benchmark: RL on the held-out prompts themselves, which
+    measures how far the policy moves on the prompts it is scored on, without the train/test generalisation gap.
+    """
+    if train_prompts not in TRAIN_PROMPTS:
+        raise ValueError(f"train_prompts must be one of {TRAIN_PROMPTS}, got {train_prompts!r}")
     run_dir = Path(run_dir)
     settings = {**run_settings(bench.base_path, params), "budget": asdict(budget), "threads": bench.threads}
+    if train_prompts != "train":  # absent for the benchmark proper, so its earlier runs' settings still match
+        settings["train_prompts"] = train_prompts
     settings_path = run_dir / SETTINGS_FILE
     if settings_path.exists():
         differences = settings_differences(json.loads(settings_path.read_text()), settings)
@@ -179,7 +191,8 @@ def run_or_reuse(bench: Bench, params: Params, run_dir: str | Path, budget: Budg
         settings_path.write_text(json.dumps(settings, indent=1))
     # A run killed after its budget-ending checkpoint but before DONE_FILE trains one epoch more on resume
     # (rl.train always runs at least one epoch): rare, the window is the final evaluation, and metrics.jsonl shows it.
-    _, final = fine_tune(copy.deepcopy(bench.base_model), bench.train_set, bench.test, budget.apply(params),
+    train_set = bench.test if train_prompts == "test" else bench.train_set
+    _, final = fine_tune(copy.deepcopy(bench.base_model), train_set, bench.test, budget.apply(params),
                          run_dir, max_train_seconds=budget.max_train_seconds, base_summary=bench.base_summary())
     write_evaluation(run_dir / "final", *final)
     result = collect_run(run_dir, label)

@@ -137,6 +137,42 @@ def test_a_run_directory_of_other_settings_is_refused(tmp_path):
     assert settings_differences({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"b": 1, "c": 5}, "e": 3}) == ["a.c", "d", "e"]
 
 
+class FineTuneCalled(Exception):
+    pass
+
+
+@pytest.mark.parametrize("train_prompts, expected", [("train", ["a training prompt"]), ("test", ["a test prompt"])])
+def test_the_diagnostic_trains_on_the_held_out_prompts_and_says_so_in_its_settings(tmp_path, monkeypatch,
+                                                                                     train_prompts, expected):
+    import elborl.benchmark as benchmark
+    params = load_bench_params(PARAMS, [])
+    bench = Bench(params, 1, ["a test prompt"], ["a training prompt"], None, Path("base-abc"))
+    bench._base_evaluation = ({"overall": 0.4}, [], None)
+    trained_on = []
+
+    def fine_tune(model, train_set, test, run_params, run_dir, **kwargs):
+        trained_on.extend(train_set)
+        raise FineTuneCalled
+
+    monkeypatch.setattr(benchmark, "fine_tune", fine_tune)
+    run_dir = tmp_path / train_prompts
+    with pytest.raises(FineTuneCalled):
+        run_or_reuse(bench, params, run_dir, Budget(minutes=15), "run", train_prompts)
+    assert trained_on == expected
+    settings = json.loads((run_dir / SETTINGS_FILE).read_text())
+    # the benchmark proper records no key (its earlier runs' settings still match); the diagnostic records "test"
+    assert settings.get("train_prompts") == (None if train_prompts == "train" else "test")
+    with pytest.raises(ValueError, match=r"differ in \['train_prompts'\]"):
+        run_or_reuse(bench, params, run_dir, Budget(minutes=15), "run", "test" if train_prompts == "train" else "train")
+
+
+def test_unknown_train_prompts_are_refused(tmp_path):
+    bench = Bench(load_bench_params(PARAMS, []), 1, [], [], None, Path("base-abc"))
+    with pytest.raises(ValueError, match="train_prompts must be one of"):
+        run_or_reuse(bench, bench.params, tmp_path, Budget(minutes=15), "run", "all")
+    assert not any(tmp_path.iterdir())
+
+
 # ------------------------------------------------------------------------------------------- end to end (--smoke)
 
 def read_csv(path):

@@ -43,3 +43,19 @@ def test_runs_without_a_checkpoint_and_bad_counts_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main([str(tmp_path), "--images-per-prompt", "0"])
     assert "--images-per-prompt must be >= 1" in capsys.readouterr().err
+
+
+def test_a_run_from_another_base_model_is_refused_before_anything_runs(tmp_path, capsys):
+    bench = load_bench("reevaluate")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest.json").write_text("{}")
+    (run / "bench_settings.json").write_text('{"base": "not-this-base"}')
+    assert bench.runs_on_other_bases([str(run)], "not-this-base") == []
+    assert bench.runs_on_other_bases([str(run)], "another") == [f"{run} (base not-this-base)"]
+    # main() names the run and the fix; it stops before prepare_bench could pretrain or evaluate anything
+    with pytest.raises(SystemExit):
+        bench.main([str(run), "--set", f"artifacts={tmp_path / 'artifacts'}"])
+    err = capsys.readouterr().err
+    assert "started from another base model" in err and "--set" in err
+    assert not (tmp_path / "artifacts").exists()
