@@ -4,7 +4,7 @@
 
 GenEval's 4 images per prompt (244 held-out images) move the overall score by about +-0.04 between evaluations;
 16 per prompt (976 images) measure a run's end point, and the base model's, four times as precisely. Each run's
-latest checkpoint is loaded onto the cached base model (`params.yaml`'s policy settings) and its EMA weights (or,
+latest checkpoint (or, with `--epoch N`, the one after N epochs) is loaded onto the cached base model (`params.yaml`'s policy settings) and its EMA weights (or,
 with `--weights current`, θ itself) are evaluated with the evaluation's sampler and seeds.
 """
 
@@ -18,17 +18,26 @@ import json
 import torch
 
 from elborl.benchmark import SETTINGS_FILE, load_bench_params, prepare_bench
-from elborl.checkpoint import load_latest_checkpoint
+from elborl.checkpoint import read_state
 from elborl.evaluate import evaluate, format_table
 from elborl.policy import Policy
 from elborl.pretrain import cache_key
 from elborl.rl import make_optimizer
 
 
-def load_run_policy(run: str | Path, base_model, params) -> tuple[Policy, dict]:
-    """A run's latest checkpoint on a copy of the base model: its policy and the checkpoint's state."""
+def checkpoint_dir(run: str | Path, epoch: int | None) -> Path:
+    """A run's checkpoint after `epoch` epochs (None: the latest one)."""
+    checkpoints = Path(run, "checkpoints")
+    if epoch is None:
+        return checkpoints / json.loads((checkpoints / "latest.json").read_text())["checkpoint"]
+    return checkpoints / f"epoch-{epoch:05d}"
+
+
+def load_run_policy(run: str | Path, base_model, params, epoch: int | None = None) -> tuple[Policy, dict]:
+    """A run's checkpoint (the latest, or the one after `epoch` epochs) on a copy of the base model: its policy
+    and the checkpoint's state."""
     policy = Policy(copy.deepcopy(base_model), params.policy)
-    state = load_latest_checkpoint(Path(run, "checkpoints"), policy, make_optimizer(policy, params.rl))
+    state = read_state(checkpoint_dir(run, epoch), policy, make_optimizer(policy, params.rl))
     return policy, state
 
 
@@ -62,6 +71,8 @@ def main(argv=None) -> None:
     parser.add_argument("--weights", choices=("ema", "current"), default="ema",
                         help="the EMA of θ (what the benchmark evaluates) or θ itself: the EMA trails θ by about "
                              "rl.ema_decay / (1 - rl.ema_decay) epochs")
+    parser.add_argument("--epoch", type=int, default=None,
+                        help="the checkpoint after this many epochs (every rl.checkpoint_every) instead of the latest")
     parser.add_argument("--skip-base", action="store_true",
                         help="evaluate only the runs (the base model's 16-image score is in the README: 0.432)")
     args = parser.parse_args(argv)
@@ -70,6 +81,11 @@ def main(argv=None) -> None:
     missing = [run for run in args.runs if not Path(run, "checkpoints", "latest.json").exists()]
     if missing:  # refused before minutes of evaluation, not after
         parser.error(f"no checkpoint (checkpoints/latest.json) in {', '.join(missing)}")
+    if args.epoch is not None:
+        missing = [run for run in args.runs if not (checkpoint_dir(run, args.epoch) / "state.json").exists()]
+        if missing:
+            parser.error(f"no checkpoint after epoch {args.epoch} in {', '.join(missing)} (checkpoints are kept "
+                         "every rl.checkpoint_every epochs and at the end)")
     params = load_bench_params(args.params, args.set)
     evaluation = replace(params.evaluate, images_per_prompt=args.images_per_prompt)
     base_name = cache_key(params.base_model, params.pretrain)
@@ -82,7 +98,7 @@ def main(argv=None) -> None:
           f"{args.images_per_prompt} images per test prompt")
     summaries = {} if args.skip_base else {"base": evaluate(bench.base_model, bench.test, evaluation)[0]}
     for run in args.runs:
-        policy, state = load_run_policy(run, bench.base_model, params)
+        policy, state = load_run_policy(run, bench.base_model, params, args.epoch)
         with evaluated_weights(policy, args.weights), torch.no_grad():
             summary = evaluate(policy.backbone, bench.test, evaluation)[0]
         label = f"{run.rstrip('/').split('/')[-1]} @ {state['train_seconds'] / 60:.1f} min ({args.weights})"

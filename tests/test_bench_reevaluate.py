@@ -59,3 +59,21 @@ def test_a_run_from_another_base_model_is_refused_before_anything_runs(tmp_path,
     err = capsys.readouterr().err
     assert "started from another base model" in err and "--set" in err
     assert not (tmp_path / "artifacts").exists()
+
+
+def test_an_earlier_checkpoint_is_loaded_by_epoch_and_a_missing_one_refused(tmp_path, capsys):
+    bench = load_bench("reevaluate")
+    config = small_config(epochs=2, checkpoint_every=1)
+    trained = tiny_policy()
+    train(trained, METAS, brightness, config, tmp_path, progress=False)
+    params = SimpleNamespace(policy=trained.config, rl=config)
+    base = ShapesFlowModel.from_config(TINY, seed=0)
+    first, state = bench.load_run_policy(tmp_path, base, params, epoch=1)
+    last, _ = bench.load_run_policy(tmp_path, base, params)
+    assert state["epoch"] == 1
+    assert trainable(last).keys() == trainable(trained).keys()
+    assert all(torch.equal(p, trainable(trained)[n]) for n, p in trainable(last).items())
+    assert any(not torch.equal(p, trainable(last)[n]) for n, p in trainable(first).items())
+    with pytest.raises(SystemExit):
+        bench.main([str(tmp_path), "--epoch", "7"])
+    assert "no checkpoint after epoch 7" in capsys.readouterr().err
