@@ -1,11 +1,13 @@
-"""Benchmark: re-evaluate the final EMA policy of finished benchmark runs with more images per test prompt.
+"""Benchmark: re-evaluate the EMA policy of finished benchmark runs with more images per test prompt.
 
     .venv/bin/python bench/reevaluate.py artifacts/bench/s8_rl60_bf16 artifacts/bench/s10_mt06 --images-per-prompt 16
+    .venv/bin/python bench/reevaluate.py RUN --set pretrain.steps=5600 --epoch 30   # a run from another base, epoch 30
 
 GenEval's 4 images per prompt (244 held-out images) move the overall score by about +-0.04 between evaluations;
 16 per prompt (976 images) measure a run's end point, and the base model's, four times as precisely. Each run's
-latest checkpoint (or, with `--epoch N`, the one after N epochs) is loaded onto the cached base model (`params.yaml`'s policy settings) and its EMA weights (or,
-with `--weights current`, θ itself) are evaluated with the evaluation's sampler and seeds.
+latest checkpoint (or, with `--epoch N`, the one after N epochs) is loaded onto the cached base model of
+`params.yaml` with the `--set` overrides (a run recorded with another base is refused) and its EMA weights (or, with
+`--weights current`, θ itself) are evaluated with the evaluation's sampler and seeds.
 """
 
 from contextlib import nullcontext
@@ -18,26 +20,18 @@ import json
 import torch
 
 from elborl.benchmark import SETTINGS_FILE, load_bench_params, prepare_bench
-from elborl.checkpoint import read_state
+from elborl.checkpoint import checkpoint_path, read_state
 from elborl.evaluate import evaluate, format_table
 from elborl.policy import Policy
 from elborl.pretrain import cache_key
 from elborl.rl import make_optimizer
 
 
-def checkpoint_dir(run: str | Path, epoch: int | None) -> Path:
-    """A run's checkpoint after `epoch` epochs (None: the latest one)."""
-    checkpoints = Path(run, "checkpoints")
-    if epoch is None:
-        return checkpoints / json.loads((checkpoints / "latest.json").read_text())["checkpoint"]
-    return checkpoints / f"epoch-{epoch:05d}"
-
-
 def load_run_policy(run: str | Path, base_model, params, epoch: int | None = None) -> tuple[Policy, dict]:
     """A run's checkpoint (the latest, or the one after `epoch` epochs) on a copy of the base model: its policy
     and the checkpoint's state."""
     policy = Policy(copy.deepcopy(base_model), params.policy)
-    state = read_state(checkpoint_dir(run, epoch), policy, make_optimizer(policy, params.rl))
+    state = read_state(checkpoint_path(Path(run, "checkpoints"), epoch), policy, make_optimizer(policy, params.rl))
     return policy, state
 
 
@@ -82,7 +76,8 @@ def main(argv=None) -> None:
     if missing:  # refused before minutes of evaluation, not after
         parser.error(f"no checkpoint (checkpoints/latest.json) in {', '.join(missing)}")
     if args.epoch is not None:
-        missing = [run for run in args.runs if not (checkpoint_dir(run, args.epoch) / "state.json").exists()]
+        missing = [run for run in args.runs
+                   if not (checkpoint_path(Path(run, "checkpoints"), args.epoch) / "state.json").exists()]
         if missing:
             parser.error(f"no checkpoint after epoch {args.epoch} in {', '.join(missing)} (checkpoints are kept "
                          "every rl.checkpoint_every epochs and at the end)")

@@ -53,10 +53,18 @@ def read_state(directory: str | Path, policy: Policy, optimizer=None) -> dict:
     return state
 
 
+def checkpoint_path(directory: str | Path, epoch: int | None = None) -> Path:
+    """The checkpoint after `epoch` epochs in `directory` (None: the latest complete one, from latest.json)."""
+    directory = Path(directory)
+    if epoch is None:
+        return directory / json.loads((directory / "latest.json").read_text())["checkpoint"]
+    return directory / f"epoch-{epoch:05d}"
+
+
 def save_checkpoint(directory: str | Path, policy: Policy, optimizer, epoch: int, extra: dict | None = None) -> Path:
     """Writes `directory/epoch-XXXXX` and points `directory/latest.json` at it."""
     directory = Path(directory)
-    final = directory / f"epoch-{epoch:05d}"
+    final = checkpoint_path(directory, epoch)
     staging = directory / f".epoch-{epoch:05d}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -71,7 +79,6 @@ def save_checkpoint(directory: str | Path, policy: Policy, optimizer, epoch: int
 
 def load_latest_checkpoint(directory: str | Path, policy: Policy, optimizer) -> dict | None:
     """Restores the latest complete checkpoint; returns its state (epoch = epochs done) or None if none."""
-    pointer = Path(directory) / "latest.json"
-    if not pointer.exists():
+    if not (Path(directory) / "latest.json").exists():
         return None
-    return read_state(Path(directory) / json.loads(pointer.read_text())["checkpoint"], policy, optimizer)
+    return read_state(checkpoint_path(directory), policy, optimizer)
