@@ -65,7 +65,7 @@ def save_checkpoint(directory: str | Path, policy: Policy, optimizer, epoch: int
     """Writes `directory/epoch-XXXXX` and points `directory/latest.json` at it."""
     directory = Path(directory)
     final = checkpoint_path(directory, epoch)
-    staging = directory / f".epoch-{epoch:05d}.partial-{os.getpid()}"
+    staging = directory / f".{final.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     write_state(staging, policy, optimizer, {"epoch": epoch, **(extra or {})})
