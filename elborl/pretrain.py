@@ -6,6 +6,7 @@ optionally shifted toward noise like the sampling schedule.
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+import contextlib
 import copy
 import hashlib
 import json
@@ -135,35 +136,59 @@ def pretrain(model_config: ShapesModelConfig, config: PretrainConfig, progress: 
         torch.set_num_threads(caller_threads)
 
 
+FORWARD_PART = "forward (text encoder, UNet, loss)"  # the part of a step that autocast or a kernel choice changes
+
+
+class PretrainingRun:
+    """What pretraining holds between steps: the model, its EMA, the optimizer and lr schedule, the rendered data
+    and the noise generator. `_pretrain` runs its `step` `config.steps` times; bench/step_cost.py times it."""
+
+    def __init__(self, model_config: ShapesModelConfig, config: PretrainConfig):
+        torch.manual_seed(config.seed)
+        self.config = config
+        self.model = ShapesFlowModel.from_config(model_config, seed=config.seed)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=0.0)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, config))
+        self.data = RenderedPrompts(config.seed, task_weights=config.task_weights,
+                                    colour_captions=config.colour_captions)
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+    def step(self, step: int, clock=None) -> float:
+        """One flow-matching step; returns its loss. `clock(part)`, when given, is a context manager around each
+        part of the step (the step-cost benchmark times them with it)."""
+        clock = clock or (lambda part: contextlib.nullcontext())
+        config, generator = self.config, self.generator
+        with clock("data"):
+            prompts, x0 = self.data.batch(config.batch_size)
+            drop = torch.rand(len(prompts), generator=generator) < config.prompt_dropout
+            prompts = ["" if d else p for p, d in zip(prompts, drop)]
+            t = training_times(len(prompts), config.time_shift, generator, config.time_sampling)
+        with clock(FORWARD_PART):
+            loss = flow_matching_loss(self.model, x0, prompts, t, generator)
+        with clock("backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        with clock("clip + AdamW + EMA"):
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.optimizer.step()
+            self.schedule.step()
+            update_ema(self.ema, self.model, min(config.ema_decay, (1 + step) / (10 + step)))
+        return loss.item()
+
+
 def _pretrain(model_config: ShapesModelConfig, config: PretrainConfig, progress: bool, log, on_step):
-    torch.manual_seed(config.seed)
-    model = ShapesFlowModel.from_config(model_config, seed=config.seed)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
-    data = RenderedPrompts(config.seed, task_weights=config.task_weights, colour_captions=config.colour_captions)
-    generator = torch.Generator().manual_seed(config.seed)
+    run = PretrainingRun(model_config, config)
     losses, start = [], time.time()
     bar = tqdm(range(config.steps), desc="pretraining base model", disable=not progress)
     for step in bar:
         if on_step is not None:
             on_step(step)
-        prompts, x0 = data.batch(config.batch_size)
-        drop = torch.rand(len(prompts), generator=generator) < config.prompt_dropout
-        prompts = ["" if d else p for p, d in zip(prompts, drop)]
-        t = training_times(len(prompts), config.time_shift, generator, config.time_sampling)
-        loss = flow_matching_loss(model, x0, prompts, t, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        update_ema(ema, model, min(config.ema_decay, (1 + step) / (10 + step)))
-        losses.append(loss.item())
+        losses.append(run.step(step))
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
     log(f"pretrained {config.steps} steps x {config.batch_size} images in {time.time() - start:.0f} s "
         f"(final loss {np.mean(losses[-50:]):.4f})")
-    return ema, losses
+    return run.ema, losses
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ import torch
 
 from conftest import load_bench
 from elborl.config import load_params_with_overrides
+from elborl.pretrain import pretrain
 
 TINY = ["base_model.channels=[32,32]", "base_model.text_width=32", "base_model.text_layers=1",
         "pretrain.batch_size=2", "pretrain.threads=1"]
@@ -21,6 +22,17 @@ def test_a_step_times_every_part_and_trains_the_model():
     assert any(not torch.equal(b, p) for b, p in zip(before, timer.model.parameters()))
 
 
+def test_the_timed_step_is_pretrainings_step():
+    bench = load_bench("step_cost")
+    params = load_params_with_overrides("params.yaml", TINY + ["pretrain.steps=3"])
+    timer = bench.StepTimer(params)
+    for _ in range(3):
+        timer.step()
+    ema, _ = pretrain(params.base_model, params.pretrain, progress=False, log=lambda *_: None)
+    timed = timer.run.ema.state_dict()
+    assert all(torch.equal(v, timed[k]) for k, v in ema.state_dict().items())
+
+
 def test_channels_last_and_bfloat16_variants_do_what_they_say():
     bench = load_bench("step_cost")
     params = load_params_with_overrides("params.yaml", TINY)
@@ -29,10 +41,11 @@ def test_channels_last_and_bfloat16_variants_do_what_they_say():
     conv = timer.model.denoiser.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     seen = []
-    hook = timer.model.denoiser.conv_in.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    hook = timer.model.denoiser.conv_in.register_forward_hook(lambda m, i, out: seen.append(out))
     timer.step()
     hook.remove()
-    assert seen == [torch.bfloat16]
+    assert [out.dtype for out in seen] == [torch.bfloat16]
+    assert seen[0].is_contiguous(memory_format=torch.channels_last)  # the convolutions run channels-last
     assert timer.model.denoiser.conv_in.weight.dtype == torch.float32  # autocast, not a bfloat16 model
 
 
