@@ -18,6 +18,7 @@ from elborl.geneval.types import TASKS
 from elborl.pretrain import LR_SCHEDULES, TIME_SAMPLINGS, PretrainConfig
 from elborl.rewards import RewardsConfig
 from elborl.rl import RLConfig
+from elborl.runtime import model_device_type
 from elborl.sampling import ODE_SAMPLERS
 
 
@@ -166,6 +167,8 @@ def parse_params(raw: dict | None, source: str = "params") -> Params:
         params = _build(Params, raw, "")
         params.recipes = recipes
         _check(params)
+        # `auto` precisions become what this machine computes natively, so a run's recorded settings say what ran
+        params.rl = params.rl.with_precisions_for(model_device_type())
     except ParamsError as error:
         raise ParamsError(f"{source}: {error}") from None
     return params

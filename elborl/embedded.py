@@ -23,6 +23,7 @@ from elborl.policy import Policy
 from elborl.pretrain import ensure_base_model
 from elborl.rewards import reward_from_params
 from elborl.rl import train
+from elborl.runtime import precision_choice
 
 
 def prepare_prompts(params, out_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -57,6 +58,7 @@ def fine_tune(model, train_set, test, params, run_dir: Path, max_train_seconds: 
     likelihood = f"{rl.weighting} ELBO" if rl.estimator == "elbo" else "trajectory log-prob"
     print(f"RL fine-tuning ({rl.recipe or 'no recipe'}): {rl.objective} + {likelihood} + {rl.steps}-step "
           f"{rl.sampler}, {rl.epochs} epochs -> {run_dir}")
+    print(precision_choice(rl.rollout_precision, rl.update_precision, model.device.type))
     policy = Policy(model, params.policy)
     latest = []
 

@@ -11,7 +11,7 @@ Every random draw of epoch e comes from generators seeded by (seed, e), so an ep
 from the run's settings, and a resumed run continues exactly where a straight run would be.
 """
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 import json
 import time
@@ -26,10 +26,8 @@ from elborl.likelihood import (ESTIMATORS, WEIGHTINGS, elbo, elbo_times, expand_
 from elborl.objectives import (ADVANTAGE_MODES, OBJECTIVES, TermStats, group_advantages, kl_between_steps,
                                kl_to_reference, nft_loss, nft_optimality, policy_loss)
 from elborl.policy import CURRENT, OLD, REFERENCE, Policy
+from elborl.runtime import PRECISIONS, resolve_precision
 from elborl.sampling import SAMPLERS, guided_velocity, sample, sample_sde, sampler_times, time_grid
-
-
-PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass
@@ -43,9 +41,10 @@ class RLConfig:
     shift: float = 3.0
     guidance: float = 1.0  # 1.0 = CFG off (the recipe's headline setting)
     sde_noise: float = 0.7  # the sde sampler's a in σ_t = a sqrt(t / (1 − t)) (§6)
-    # bfloat16: rollouts under autocast (a forward pass 1.45x faster on an AVX-512 BF16 CPU, README). Only the ELBO
-    # may use it: it needs nothing of the sampler but the final sample (§1), while the trajectory estimator compares
-    # against log-probs stored at rollout, which must come from the same arithmetic as the update's.
+    # bfloat16: rollouts under autocast (a forward pass 1.45x faster on an AVX-512 BF16 CPU, 26x slower on an AVX2
+    # one); auto: bfloat16 where the device computes it natively (elborl/runtime.py), resolved when settings load.
+    # Only the ELBO may use it: it needs nothing of the sampler but the final sample (§1), while the trajectory
+    # estimator compares against log-probs stored at rollout, which must come from the same arithmetic as the update's.
     rollout_precision: str = "float32"
     # bfloat16: the update's forward and backward passes under autocast too (ELBO terms only); the ELBO, δ and the
     # loss are still computed in float32 from the velocities. Current and old see the same arithmetic, so δ = 0
@@ -128,15 +127,25 @@ class RLConfig:
         if self.objective == "flow_grpo" and self.estimator != "trajectory":
             raise ValueError("rl.objective: flow_grpo clips per-step SDE log-prob ratios, so it needs "
                              f"rl.estimator: trajectory and rl.sampler: sde (got rl.estimator: {self.estimator})")
-        if self.rollout_precision != "float32" and self.estimator != "elbo":
+        if self.rollout_precision == "bfloat16" and self.estimator != "elbo":
             raise ValueError(f"rl.rollout_precision: {self.rollout_precision} rollouts need rl.estimator: elbo; the "
                              "trajectory estimator's stored log-probs must match the update's float32 arithmetic")
-        if self.update_precision != "float32" and self.estimator != "elbo":
+        if self.update_precision == "bfloat16" and self.estimator != "elbo":
             raise ValueError(f"rl.update_precision: {self.update_precision} updates need rl.estimator: elbo; the "
                              "trajectory estimator's log-probs are compared with ones stored in float32")
         if self.objective == "nft" and self.estimator != "elbo":
             raise ValueError("rl.objective: nft trains the x0-loss of the final sample, so it needs rl.estimator: elbo "
                              f"(got rl.estimator: {self.estimator})")
+
+    def with_precisions_for(self, device_type: str) -> "RLConfig":
+        """These settings with `auto` precisions made concrete for `device_type` (float32 off the ELBO estimator)."""
+        def concrete(precision: str) -> str:
+            if precision == "auto" and self.estimator != "elbo":
+                return "float32"
+            return resolve_precision(precision, device_type)
+
+        return replace(self, rollout_precision=concrete(self.rollout_precision),
+                       update_precision=concrete(self.update_precision))
 
     def sampler_settings(self) -> dict:
         """What a rollout records with each sample: enough to regenerate it from its seed."""
@@ -218,7 +227,8 @@ def rollout(policy: Policy, prompt_metas: list[dict], config: RLConfig, epoch: i
 
 
 def _autocast(policy: Policy, precision: str):
-    return torch.autocast(policy.backbone.device.type, torch.bfloat16, enabled=precision == "bfloat16")
+    device_type = policy.backbone.device.type
+    return torch.autocast(device_type, torch.bfloat16, enabled=resolve_precision(precision, device_type) == "bfloat16")
 
 
 # --- update ---------------------------------------------------------------------------------------

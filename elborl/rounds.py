@@ -32,6 +32,7 @@ from elborl.geneval.prompts import read_jsonl
 from elborl.models import load_backbone
 from elborl.policy import Policy
 from elborl.rl import Rollout, choose_prompts, make_optimizer, reward_summary, rollout, score_means, update
+from elborl.runtime import model_device_type, precision_choice
 from elborl.store import ArtifactStore
 
 STAGES = ("rollout", "score", "update")
@@ -205,6 +206,8 @@ def run_rounds(ctx: RunContext, reward_fn, rounds: int | None = None, progress: 
 
     total = rounds if rounds is not None else ctx.params.rl.epochs
     start = ctx.completed_rounds()
+    rl = ctx.params.rl
+    ctx.log(precision_choice(rl.rollout_precision, rl.update_precision, model_device_type()))
     if start:
         ctx.log(f"{ctx.run}: {start} round(s) already published, resuming at round {start}")
     for r in tqdm(range(start, total), initial=start, total=total, desc="rounds", disable=not progress):

@@ -16,6 +16,7 @@ from elborl.embedded import run_settings
 from elborl.evaluate import GRID_TEXT_WIDTH
 from elborl.geneval.types import TASKS
 from elborl.plots import read_jsonl_rows
+from elborl.runtime import resolve_precision
 
 PARAMS = str(ROOT / "params.yaml")
 
@@ -114,9 +115,10 @@ def test_design_cells_list_the_impossible_ones_with_the_reason():
     headline = next(c for c in cells if c.key == ("pepg", "elbo", "dpm2"))
     assert (headline.rl.objective, headline.rl.estimator, headline.rl.sampler) == ("pepg", "elbo", "dpm2")
     assert all(c.rl.advantage == ("std" if c.objective == "grpo" else "recipe") for c in cells)
-    # the ELBO cells keep the recipe's bfloat16 rollouts and updates; trajectory cells need float32 for their
-    # stored log-probs
-    assert headline.rl.rollout_precision == "bfloat16" == headline.rl.update_precision
+    # the ELBO cells keep the recipe's precisions as this machine resolved them; trajectory cells need float32 for
+    # their stored log-probs
+    native = resolve_precision("auto", "cpu")
+    assert headline.rl.rollout_precision == native == headline.rl.update_precision
     trajectory_cells = [c for c in cells if c.estimator == "trajectory"]
     assert all(c.rl.rollout_precision == "float32" == c.rl.update_precision for c in trajectory_cells)
 
