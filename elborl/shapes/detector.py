@@ -22,6 +22,8 @@ class and colour at confidence > 0.9 (mean 0.9997); 1000 uniform-noise images ga
 detection above 0.3.
 """
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import ndimage
 
@@ -34,12 +36,12 @@ from elborl.shapes.world import BACKGROUND, PALETTE, SHAPES
 FOREGROUND_ALPHA = 0.4
 # Components whose alpha mass (in pixels) is below this are specks, not objects.
 MIN_OBJECT_MASS = 4.0
-# Soft IoU with the best template: factor 0 at or below FIT_IOU_LOW, 1 at or above FIT_IOU_HIGH.
-# Clean rendered shapes fit at >= 0.995; shapes a small generative model draws recognisably at
-# 32 px fit at 0.90-0.95; half-and-half hybrids of two classes at 0.74-0.92 (so the fit alone
-# cannot reject them: the class margin below does).
-FIT_IOU_LOW = 0.80
-FIT_IOU_HIGH = 0.92
+# Alpha mass (pixels) a solid single-colour region needs to count as an object's body when a component is split
+# into touching objects of different colours (the world's smallest objects, 8 px, hold about 32).
+MIN_SPLIT_MASS = 12.0
+# The best class's soft IoU is refined by a local search only between these (above, the fit is already as
+# good as a fit gets; far below, noise and merged blobs, no local search reaches a good one).
+REFINE_FROM, REFINE_TO = 0.65, 0.97
 # Edge softness (Gaussian sigma, pixels) the templates are also tried at, so slightly blurry
 # but well-formed shapes still fit.
 TEMPLATE_BLURS = (0.0, 0.45, 0.8)
@@ -53,20 +55,32 @@ RIM_WIDTH = 2.0
 # The edge softness is refined too, in steps of BLUR_STEP within the range of TEMPLATE_BLURS.
 REFINE_STEPS = ((0.25, 0.03), (0.1, 0.01))
 BLUR_STEP = 0.05
-# Refinement gained at most 0.043 IoU on noisy renders (sigma 6-15 per channel).
-MAX_REFINE_GAIN = 0.1
 # Margin (pixels) of the fitting window around a component and its rim.
 FIT_MARGIN = 3
-# Lead of the best class's soft IoU over the runner-up: factor 0 at or below CLASS_MARGIN_LOW,
-# 1 at or above CLASS_MARGIN_HIGH. Hybrids of two classes lead by 0.00-0.08 (those near 0.08 fit
-# poorly), recognisable generated shapes by 0.10-0.20, so a blob two classes explain about
-# equally well is not a confident detection of either.
-CLASS_MARGIN_LOW = 0.04
-CLASS_MARGIN_HIGH = 0.10
-# Colour purity (alpha share of the majority palette colour): factor 0 at or below
-# PURITY_LOW, 1 at or above PURITY_HIGH.
-PURITY_LOW = 0.75
-PURITY_HIGH = 0.97
+
+
+@dataclass(frozen=True)
+class ConfidenceRamps:
+    """Where each factor of the confidence rises from 0 to 1: (low, high) of a smooth step.
+
+    - fit: the best class's soft IoU. Clean rendered shapes fit at >= 0.995, half-and-half hybrids of two
+      classes at 0.74-0.92 (so the fit alone cannot reject them: the class margin does).
+    - margin: the best class's IoU lead over the runner-up. Hybrids lead by 0.00-0.08, so a blob two classes
+      explain about equally well is not a confident detection of either.
+    - purity: the alpha share of the majority palette colour; blobs of two colours fall under it.
+    - defect: the largest solid region where object and template differ, as a share of the template's area;
+      the confidence falls from 1 to 0 across it (a hybrid's missing or extra half-class is one such region).
+
+    The defaults are calibrated against people (bench/judge_calibration.py, calibration/shapes_judge/).
+    """
+
+    fit: tuple[float, float] = (0.80, 0.92)
+    margin: tuple[float, float] = (0.04, 0.10)
+    purity: tuple[float, float] = (0.75, 0.97)
+    defect: tuple[float, float] = (0.5, 1.0)  # off until calibrated: no object differs by more than itself
+
+
+CALIBRATED_RAMPS = ConfidenceRamps()
 
 
 def _ramp(value: float, low: float, high: float) -> float:
@@ -147,8 +161,8 @@ def _neighbours(pose: tuple, step: float, scale: float) -> list[tuple]:
             ] + [(cx, cy, size, b) for b in blurs]
 
 
-def _refine(floored: np.ndarray, name: str, pose: tuple, iou: float) -> float:
-    """Best soft IoU of a greedy local search around `pose` (noise moves the moments a little)."""
+def _refine(floored: np.ndarray, name: str, pose: tuple, iou: float) -> tuple[tuple, float]:
+    """Best pose and soft IoU of a greedy local search around `pose` (noise moves the moments a little)."""
     for step, scale in REFINE_STEPS:
         improved = True
         while improved:
@@ -157,11 +171,26 @@ def _refine(floored: np.ndarray, name: str, pose: tuple, iou: float) -> float:
                 candidate_iou = _soft_iou(floored, _template(name, candidate, floored.shape))
                 if candidate_iou > iou + 1e-4:
                     pose, iou, improved = candidate, candidate_iou, True
-    return iou
+    return pose, iou
 
 
-def fit_classes(observed: np.ndarray, moment_alpha: np.ndarray | None = None, classes=SHAPES) -> dict[str, float]:
-    """Soft IoU of one instance's alpha with each class's template fitted by moments.
+def largest_defect(floored: np.ndarray, name: str, pose: tuple) -> float:
+    """The largest connected region where the object and its fitted template differ by at least half a pixel's
+    coverage, as a share of the template's area. A soft or slightly wobbly shape differs thinly all along its
+    outline; a hybrid of two classes, a notch or a bump differs in one solid region."""
+    template = _above_floor(_template(name, pose, floored.shape))
+    difference = np.abs(floored - template)
+    regions, n_regions = ndimage.label(difference >= 0.5, structure=np.ones((3, 3), bool))
+    if n_regions == 0:
+        return 0.0
+    masses = ndimage.sum(difference, regions, index=np.arange(1, n_regions + 1))
+    return float(masses.max() / max(template.sum(), 1.0))
+
+
+def fit_classes(observed: np.ndarray, moment_alpha: np.ndarray | None = None,
+                classes=SHAPES) -> tuple[dict[str, float], float]:
+    """Soft IoU of one instance's alpha with each class's template fitted by moments, and the largest defect
+    of the best class's fit (`largest_defect`).
 
     The alpha mass gives the template's size for that class, the alpha centroid its centre
     (shifted by the class's centroid offset, for the triangle); `moment_alpha` (default
@@ -181,23 +210,24 @@ def fit_classes(observed: np.ndarray, moment_alpha: np.ndarray | None = None, cl
     # Refining only the best class can only widen its lead, i.e. sharpen the moments' decision
     # (refining the runner-up too cost twice as much and left hybrids' scores unchanged).
     best = max(ious, key=ious.get)
-    # Refine only where it can change the score: above FIT_IOU_HIGH the fit already gets full
-    # confidence; far below FIT_IOU_LOW (noise, merged blobs) no local search reaches it.
-    if FIT_IOU_LOW - MAX_REFINE_GAIN < ious[best] < FIT_IOU_HIGH:
-        ious[best] = _refine(floored, best, fits[best][1], fits[best][0])
-    return ious
+    pose = fits[best][1]
+    if REFINE_FROM < ious[best] < REFINE_TO:
+        pose, ious[best] = _refine(floored, best, pose, ious[best])
+    return ious, largest_defect(floored, best, pose)
 
 
-def confidence(ious: dict[str, float], purity: float) -> tuple[str, float]:
-    """(label, score): fit quality x class certainty x colour purity, each in [0, 1]."""
+def confidence(ious: dict[str, float], purity: float, defect: float = 0.0,
+               ramps: ConfidenceRamps = CALIBRATED_RAMPS) -> tuple[str, float]:
+    """(label, score): fit quality x class certainty x colour purity x no solid defect, each in [0, 1]."""
     names = list(ious)
     values = np.array([ious[n] for n in names])
     best = int(values.argmax())
     runner_up = np.partition(values, -2)[-2] if len(values) > 1 else 0.0
-    class_certainty = _ramp(values[best] - runner_up, CLASS_MARGIN_LOW, CLASS_MARGIN_HIGH)
-    fit = _ramp(values[best], FIT_IOU_LOW, FIT_IOU_HIGH)
-    color = _ramp(purity, PURITY_LOW, PURITY_HIGH)
-    return names[best], fit * class_certainty * color
+    class_certainty = _ramp(values[best] - runner_up, *ramps.margin)
+    fit = _ramp(values[best], *ramps.fit)
+    color = _ramp(purity, *ramps.purity)
+    whole = 1.0 - _ramp(defect, *ramps.defect)
+    return names[best], fit * class_certainty * color * whole
 
 
 def _nearest_component(labels: np.ndarray) -> np.ndarray:
@@ -208,34 +238,92 @@ def _nearest_component(labels: np.ndarray) -> np.ndarray:
     return np.where(distance <= RIM_WIDTH, labels[rows, cols], 0)
 
 
+def split_by_colour(labels: np.ndarray, pixels: "PixelColors") -> np.ndarray:
+    """Components relabelled so that touching objects of different colours become separate components.
+
+    Within a component, every connected region of one palette colour that is solid (it keeps pixels after a 3x3
+    erosion) and holds at least MIN_SPLIT_MASS of alpha is an object's body; when a component has two or more,
+    its pixels go to the nearest body. Thin regions (anti-aliased seams, a shaded rim) are never bodies, and a
+    shape painted in two colours splits into two pieces that fit no class.
+    """
+    out = labels.copy()
+    next_label = labels.max() + 1
+    for index, region in enumerate(ndimage.find_objects(labels), start=1):
+        if region is None:
+            continue
+        component = labels[region] == index
+        bodies = np.zeros(component.shape, np.int32)
+        n_bodies = 0
+        for colour in np.unique(pixels.nearest[region][component]):
+            same = component & (pixels.nearest[region] == colour)
+            pieces, n_pieces = ndimage.label(same, structure=np.ones((3, 3), bool))
+            for piece in range(1, n_pieces + 1):
+                body = pieces == piece
+                solid = ndimage.binary_erosion(body, structure=np.ones((3, 3), bool)).any()
+                if solid and pixels.alpha[region][body].sum() >= MIN_SPLIT_MASS:
+                    n_bodies += 1
+                    bodies[body] = n_bodies
+        if n_bodies < 2:
+            continue
+        _, (rows, cols) = ndimage.distance_transform_edt(bodies == 0, return_indices=True)
+        nearest_body = bodies[rows, cols]
+        local = out[region]
+        for body in range(2, n_bodies + 1):
+            local[component & (nearest_body == body)] = next_label
+            next_label += 1
+    return out
+
+
 def _mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
     rows = np.flatnonzero(mask.any(axis=1))
     cols = np.flatnonzero(mask.any(axis=0))
     return (float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1))
 
 
+@dataclass
+class Measurement:
+    """What the detector measures of one foreground component, before it turns that into a confidence."""
+
+    core: np.ndarray  # bool H x W: the component's foreground pixels
+    box: tuple[float, float, float, float]
+    ious: dict[str, float]  # soft IoU with each class's fitted template
+    purity: float  # alpha share of the majority palette colour
+    defect: float  # largest solid region where the best class's template and the object differ, share of its area
+
+    def detection(self, ramps: ConfidenceRamps = CALIBRATED_RAMPS) -> Detection:
+        label, score = confidence(self.ious, self.purity, self.defect, ramps)
+        return Detection(label=label, score=float(score), box=self.box, mask=self.core)
+
+
 class ShapesDetector:
     """image (uint8 H x W x 3) -> one Detection per foreground component, most confident first."""
 
-    def __init__(self, classes=SHAPES, palette=PALETTE, background=BACKGROUND):
+    def __init__(self, classes=SHAPES, palette=PALETTE, background=BACKGROUND, ramps: ConfidenceRamps = CALIBRATED_RAMPS):
         self.classes = tuple(classes)
         self.palette = palette
         self.background = background
+        self.ramps = ramps
 
     def __call__(self, image: np.ndarray) -> list[Detection]:
-        pixels = PixelColors(image, self.palette, self.background)
-        foreground = pixels.alpha >= FOREGROUND_ALPHA
-        labels, n_components = ndimage.label(foreground, structure=np.ones((3, 3), bool))
-        owner = _nearest_component(labels)
-        far_from_objects = owner == 0
-        detections = []
-        for index, region in enumerate(ndimage.find_objects(owner), start=1):
-            detection = self._detect_component(pixels, labels, owner, index, region, far_from_objects)
-            if detection is not None:
-                detections.append(detection)
+        detections = [m.detection(self.ramps) for m in self.measure(image)]
         return sorted(detections, key=lambda d: d.score, reverse=True)
 
-    def _detect_component(self, pixels: PixelColors, labels, owner, index, region, far_from_objects):
+    def measure(self, image: np.ndarray) -> list[Measurement]:
+        """Every foreground component's fit to each class and its colour purity, in component order."""
+        pixels = PixelColors(image, self.palette, self.background)
+        foreground = pixels.alpha >= FOREGROUND_ALPHA
+        labels, _ = ndimage.label(foreground, structure=np.ones((3, 3), bool))
+        labels = split_by_colour(labels, pixels)
+        owner = _nearest_component(labels)
+        far_from_objects = owner == 0
+        measurements = []
+        for index, region in enumerate(ndimage.find_objects(owner), start=1):
+            measurement = self._measure_component(pixels, labels, owner, index, region, far_from_objects)
+            if measurement is not None:
+                measurements.append(measurement)
+        return measurements
+
+    def _measure_component(self, pixels: PixelColors, labels, owner, index, region, far_from_objects):
         core = labels == index
         alpha = ink_alpha(pixels, core)
         # Fit in a window around the component's region, with room for a misfitting template.
@@ -251,9 +339,8 @@ class ShapesDetector:
         moment_alpha = np.where(rim, observed - background_level, observed)
         if moment_alpha.sum() < 0.5 * observed.sum():
             moment_alpha = observed
-        ious = fit_classes(observed, moment_alpha, self.classes)
-        label, score = confidence(ious, color_purity(pixels, core))
-        return Detection(label=label, score=float(score), box=_mask_box(core), mask=core)
+        ious, defect = fit_classes(observed, moment_alpha, self.classes)
+        return Measurement(core=core, box=_mask_box(core), ious=ious, purity=color_purity(pixels, core), defect=defect)
 
 
 def ink_alpha(pixels: PixelColors, core: np.ndarray) -> np.ndarray:
