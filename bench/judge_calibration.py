@@ -131,6 +131,9 @@ def cmd_render(args) -> None:
             items.append((jc.LabelledImage("", meta, f"render, artefact {kind}", split, objects), image))
     for k, (labelled, _) in enumerate(items):
         labelled.image = f"renders/{k:04d}.png"
+    corrections = SET / "corrections" / "renders.txt"
+    if corrections.exists():  # labels changed by eye where the degradation level misjudges a person
+        items = apply_corrections(items, corrections.read_text(), str(corrections))
     merge_into_set(items, replace_prefix="renders/")
 
 
