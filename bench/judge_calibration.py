@@ -35,6 +35,7 @@ from elborl.geneval.scoring import GenEvalScorer
 from elborl.geneval.types import TASKS
 from elborl.shapes.detector import PaletteColorClassifier, ShapesDetector
 from elborl.shapes import judge_calibration as jc
+from elborl.stats import wilson_interval
 
 SET = Path(__file__).resolve().parents[1] / "calibration" / "shapes_judge"
 
@@ -72,25 +73,12 @@ def write_pending(name: str, items: list[tuple[jc.LabelledImage, np.ndarray]], r
 
 
 def cmd_sample(args) -> None:
-    import torch
-
     from elborl.benchmark import load_bench_params
     from elborl.evaluate import EvalConfig, sample_images
     from elborl.geneval.prompts import shapes_test_set, shapes_train_set
-    from elborl.pretrain import ensure_base_model
 
-    torch.set_num_threads(args.threads)
+    model, source = load_model(args)
     params = load_bench_params(args.params, args.set)
-    model, base_path = ensure_base_model(params.base_model, params.pretrain, Path(params.artifacts) / "base_model")
-    source = f"base model {base_path.name}"
-    if args.run:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from reevaluate import load_run_policy
-
-        policy, state = load_run_policy(args.run, model, params)
-        policy.ema_weights().__enter__()  # sample the EMA policy, as evaluation does
-        model = policy.backbone
-        source = f"EMA policy of {args.run} after {state['epoch']} epochs"
     if args.prompts == "test":
         metas = shapes_test_set()
     else:
@@ -189,20 +177,10 @@ def cmd_label(args) -> None:
     merge_into_set(items, replace_prefix=f"{args.name}/")
 
 
-def interval(successes: int, n: int) -> tuple[float, float]:
-    """Wilson's 95% interval for a proportion."""
-    if n == 0:
-        return (0.0, 1.0)
-    p, z = successes / n, 1.96
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (centre - half, centre + half)
-
-
 def report_split(items, title: str) -> dict:
     result = jc.agreement(items, GenEvalScorer(ShapesDetector(), PaletteColorClassifier()))
     agree_count = round(result.agree * result.n)
-    low, high = interval(agree_count, result.n)
+    low, high = wilson_interval(agree_count, result.n)
     print(f"\n{title}: {result.n} images, judge agrees with people on {agree_count} "
           f"({result.agree:.3f}, 95% CI {low:.3f}-{high:.3f}); largest task gap {result.worst_gap():.3f}")
     print(f"{'task':<15}{'n':>5}{'people':>9}{'judge':>9}{'agree':>9}")
@@ -241,6 +219,63 @@ def cmd_fit(args) -> None:
           "elborl/shapes/detector.py (ConfidenceRamps defaults), then run `report` for the held-out split")
 
 
+def load_model(args):
+    """The base model of `--params`/`--set`, or a run's EMA policy on it (`--run`): (model, description)."""
+    import torch
+
+    from elborl.benchmark import load_bench_params
+    from elborl.pretrain import ensure_base_model
+
+    torch.set_num_threads(args.threads)
+    params = load_bench_params(args.params, args.set)
+    model, base_path = ensure_base_model(params.base_model, params.pretrain, Path(params.artifacts) / "base_model")
+    if not args.run:
+        return model, f"base model {base_path.name}"
+    sys.path.insert(0, str(Path(__file__).parent))
+    from reevaluate import load_run_policy
+
+    policy, state = load_run_policy(args.run, model, params)
+    policy.ema_weights().__enter__()  # the EMA policy, as evaluation samples it
+    return policy.backbone, f"EMA policy of {args.run} after {state['epoch']} epochs"
+
+
+def cmd_measure(args) -> None:
+    """The held-out strict score with the judge as it is now, per task with 95% intervals; images are kept, so
+    the same images can be scored again (by another judge) and compared pairwise."""
+    from elborl.evaluate import EvalConfig, sample_images
+    from elborl.geneval.prompts import shapes_test_set
+    from elborl.evaluate import shapes_scorer
+    from elborl.stats import paired_difference, task_table
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    images_path = out / f"{args.name}-images.npz"
+    if images_path.exists():
+        saved = np.load(images_path, allow_pickle=False)
+        images, seeds = saved["images"], saved["seeds"].tolist()
+        expanded = [json.loads(m) for m in saved["metas"]]
+        print(f"reusing {len(images)} images of {images_path}")
+    else:
+        model, source = load_model(args)
+        config = EvalConfig(images_per_prompt=args.images_per_prompt)
+        expanded, seeds, images = sample_images(model, shapes_test_set(), config)
+        np.savez_compressed(images_path, images=images, seeds=np.array(seeds),
+                            metas=np.array([json.dumps(m) for m in expanded]), source=np.array(source))
+    scores = shapes_scorer().score(images, expanded)
+    records = [{"prompt": m["prompt"], "tag": m["tag"], "seed": s, "correct": sc.correct, "reward": sc.reward}
+               for m, s, sc in zip(expanded, seeds, scores)]
+    (out / f"{args.name}-records.json").write_text(json.dumps(records))
+    print(f"\n{args.name}: {len(records)} images, {args.images_per_prompt} per test prompt")
+    print(f"{'task':<15}{'score':>7}  95% interval (prompts resampled)   images")
+    for task, (score, low, high, n) in task_table(records).items():
+        print(f"{task:<15}{score:>7.3f}  {low:.3f}-{high:.3f}{n:>24}")
+    print(f"mean dense reward {np.mean([r['reward'] for r in records]):.3f}")
+    for other in args.compare:
+        before = json.loads(Path(other).read_text())
+        diff = paired_difference(records, before)
+        print(f"minus {other}: {diff['difference']:+.3f} (95% paired interval {diff['low']:+.3f} to {diff['high']:+.3f})")
+
+
 def cmd_sheet(args) -> None:
     items = [(l, im) for l, im in jc.read_set(SET) if l.image.startswith(args.prefix)]
     scorer = GenEvalScorer(ShapesDetector(), PaletteColorClassifier())
@@ -277,6 +312,15 @@ def main(argv=None) -> None:
     report = commands.add_parser("report", help="agreement with people and the reliability diagram")
     report.add_argument("--out", default=str(SET / "reliability.png"))
     commands.add_parser("fit", help="choose the detector's confidence ramps on the fit split")
+    measure = commands.add_parser("measure", help="held-out strict score with 95%% intervals, images kept")
+    measure.add_argument("--name", required=True)
+    measure.add_argument("--run", help="a bench run directory: its EMA policy instead of the base model")
+    measure.add_argument("--images-per-prompt", type=int, default=16)
+    measure.add_argument("--compare", nargs="*", default=[], help="records.json of the same images or prompts")
+    measure.add_argument("--out", default="artifacts/judge")
+    measure.add_argument("--params", default="params.yaml")
+    measure.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    measure.add_argument("--threads", type=int, default=2)
     sheet = commands.add_parser("sheet", help="a contact sheet of labelled images with both verdicts")
     sheet.add_argument("--prefix", default="")
     sheet.add_argument("--disagreements", action="store_true")
@@ -284,7 +328,7 @@ def main(argv=None) -> None:
     sheet.add_argument("--out", default="/tmp/judge_sheet.png")
     args = parser.parse_args(argv)
     {"sample": cmd_sample, "render": cmd_render, "label": cmd_label, "report": cmd_report,
-     "sheet": cmd_sheet, "fit": cmd_fit}[args.command](args)
+     "sheet": cmd_sheet, "fit": cmd_fit, "measure": cmd_measure}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--weights", choices=("ema", "current"), default="ema",
                         help="the EMA of θ (what the benchmark evaluates) or θ itself: the EMA trails θ by about "
-                             "rl.ema_decay / (1 - rl.ema_decay) epochs")
+                             "rl.ema_decay / (1 - rl.ema_decay) optimizer steps")
     parser.add_argument("--epoch", type=int, default=None,
                         help="the checkpoint after this many epochs (every rl.checkpoint_every) instead of the latest")
     parser.add_argument("--skip-base", action="store_true",

@@ -75,7 +75,7 @@ class RLConfig:
     elbo_max_time: float = 1.0
     old_decay_rate: float = 0.001  # θ_old ← d θ_old + (1 − d) θ with d = min(rate · step, max)
     old_decay_max: float = 0.5
-    ema_decay: float = 0.9
+    ema_decay: float = 0.9  # the cap of the EMA's per-optimizer-step decay (§4: warm-up, then 0.9)
     epochs: int = 100
     checkpoint_every: int = 5
     seed: int = 0
@@ -340,7 +340,7 @@ def update(policy: Policy, optimizer, ro: Rollout, rewards: torch.Tensor, config
         null_cond = policy.backbone.encode_prompts([""] * len(prompts)) if guided else None
     order = torch.randperm(len(terms["t"]), generator=generator)
     stats, grad_norms = EpochStats(config), []
-    for chunk in order.chunk(config.optimizer_steps_per_epoch):
+    for step_in_epoch, chunk in enumerate(order.chunk(config.optimizer_steps_per_epoch)):
         optimizer.zero_grad(set_to_none=True)
         for ids in chunk.split(config.micro_batch):
             samples = ids // per_sample
@@ -353,11 +353,17 @@ def update(policy: Policy, optimizer, ro: Rollout, rewards: torch.Tensor, config
             (losses.sum() / len(chunk)).backward()
         grad_norms.append(float(torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), config.grad_clip)))
         optimizer.step()
+        policy.update_ema(ema_decay(epoch * config.optimizer_steps_per_epoch + step_in_epoch, config.ema_decay))
     steps_taken = (epoch + 1) * config.optimizer_steps_per_epoch
     policy.soft_update_old(min(config.old_decay_rate * steps_taken, config.old_decay_max))
-    policy.update_ema(config.ema_decay)
     return {**stats.summary(), "grad_norm": float(np.mean(grad_norms)),
             "advantage_abs_mean": float(advantages.abs().mean())}
+
+
+def ema_decay(optimizer_step: int, max_decay: float) -> float:
+    """The evaluation EMA's decay after optimizer step `optimizer_step` (0-based), §4: a warm-up
+    (1 + s) / (10 + s) that lets the EMA follow θ closely at first, capped at `max_decay`."""
+    return min((1 + optimizer_step) / (10 + optimizer_step), max_decay)
 
 
 # --- the loop -------------------------------------------------------------------------------------

@@ -169,3 +169,33 @@ def test_a_wall_clock_budget_ends_the_run_with_a_checkpoint_and_shows_minutes(tm
     assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["epoch"] == 1
     bar = capsys.readouterr().err
     assert "train_min=0.0/0.0" in bar and "/100000" not in bar  # no epoch total, so no meaningless ETA
+
+
+def test_the_evaluation_ema_moves_after_every_optimizer_step_with_a_warm_up():
+    """METHOD.md §4, transcribed here: after optimizer step s (0-based), ema <- d ema + (1 - d) θ with
+    d = min((1 + s) / (10 + s), 0.9); two epochs of 3 steps each, checked against θ recorded after every step."""
+    policy, config = tiny_policy(), small_config(optimizer_steps_per_epoch=3, ema_decay=0.9)
+    optimizer = make_optimizer(policy, config)
+    expected = {n: p.detach().clone() for n, p in policy.trainable_named_parameters()}
+    step_count = [0]
+    original_step = optimizer.step
+
+    def step_and_record(*args, **kwargs):
+        result = original_step(*args, **kwargs)
+        s = step_count[0]
+        decay = min((1 + s) / (10 + s), 0.9)
+        for n, p in policy.trainable_named_parameters():
+            expected[n] = decay * expected[n] + (1 - decay) * p.detach()
+        step_count[0] += 1
+        return result
+
+    optimizer.step = step_and_record
+    for epoch in range(2):
+        ro = rollout(policy, METAS, config, epoch=epoch)
+        update(policy, optimizer, ro, torch.rand(len(ro.seeds)), config, epoch=epoch)
+    assert step_count[0] == 6
+    for n in expected:
+        torch.testing.assert_close(policy.ema[n], expected[n], rtol=1e-5, atol=1e-7)
+    # the first step's decay is 0.1: the EMA already sits close to θ, not to the base model
+    moved = {n: (policy.ema[n] - p).abs().max() for n, p in policy.trainable_named_parameters()}
+    assert max(float(v) for v in moved.values()) > 0
