@@ -1,8 +1,10 @@
 """Samplers on SD3's shifted schedule, built on diffusers' schedulers (METHOD.md §0, §1, §6).
 
-`euler` is `FlowMatchEulerDiscreteScheduler` on `linspace(1, 1/1000, N)` shifted by `s t / (1 + (s-1) t)`;
-`dpm2` is the second-order multistep `DPMSolverMultistepScheduler` in flow mode; `sde` is Flow-GRPO's
-Euler–Maruyama sampler of the SDE with the ODE's marginals, on the Euler sampler's time grid. Every sample
+Every sampler runs on one grid: `FlowMatchEulerDiscreteScheduler`'s `linspace(1, 1/1000, N)` shifted by
+`s t / (1 + (s-1) t)`, then 0. `euler` steps it with that scheduler; `dpm2` is DPM-Solver++(2M) in data
+prediction on the same grid (`dpm_solver_step`; diffusers' DPM scheduler in flow mode builds another grid, which
+ends with a jump from t = 0.25 to 0); `sde` is Flow-GRPO's Euler–Maruyama sampler of the SDE with the ODE's
+marginals. Every sample
 owns its seed (its initial noise and, for `sde`, every step's noise come from its own generator), so a
 sample is the same whatever batch it was drawn in, and a rollout can be regenerated from its record.
 """
@@ -12,28 +14,21 @@ import math
 import numpy as np
 import torch
 from torch import Tensor
-from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import FlowMatchEulerDiscreteScheduler
 from tqdm.auto import tqdm
 
 ODE_SAMPLERS = ("euler", "dpm2")
 SAMPLERS = ODE_SAMPLERS + ("sde",)
 
 
-def make_scheduler(sampler: str, steps: int, shift: float = 3.0):
-    """The diffusers scheduler holding a sampler's time grid (`sde` steps on the Euler sampler's grid)."""
+def make_scheduler(sampler: str, steps: int, shift: float = 3.0) -> FlowMatchEulerDiscreteScheduler:
+    """The diffusers scheduler holding the grid every sampler runs on (METHOD.md §0)."""
     if steps < 1:
         raise ValueError(f"sampler steps must be >= 1, got {steps}")
-    if sampler in ("euler", "sde"):
-        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
-        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 1000, steps))
-    elif sampler == "dpm2":
-        scheduler = DPMSolverMultistepScheduler(
-            num_train_timesteps=1000, solver_order=2, prediction_type="flow_prediction",
-            use_flow_sigmas=True, flow_shift=shift,
-        )
-        scheduler.set_timesteps(steps)
-    else:
+    if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {SAMPLERS}")
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / 1000, steps))
     return scheduler
 
 
@@ -43,8 +38,48 @@ def sampler_times(sampler: str, steps: int, shift: float = 3.0) -> torch.Tensor:
 
 
 def time_grid(steps: int, shift: float = 3.0) -> torch.Tensor:
-    """The Euler (and SDE) sampler's N + 1 grid points, from t = 1 down to t = 0."""
+    """The N + 1 grid points every sampler steps through, from t = 1 down to t = 0."""
     return make_scheduler("euler", steps, shift).sigmas.float()
+
+
+# --- DPM-Solver++(2M) on the grid (METHOD.md §0) ----------------------------------------------------------
+def _signal_over_noise(t: float) -> float:
+    """α_t / σ_t = (1 − t) / t (0 at t = 1, where λ = log of it is −∞)."""
+    return (1.0 - t) / t
+
+
+def dpm_solver_step(x: Tensor, x0_hat: Tensor, t: float, t_next: float, x0_hat_prev: Tensor | None = None,
+                    t_prev: float | None = None) -> Tensor:
+    """One DPM-Solver++ step in data prediction from t to t_next with α = 1 − t, σ = t, λ = log(α / σ).
+
+    First order (DDIM) without a previous estimate: x' = (σ'/σ) x + α' (1 − e^{−h}) x0_hat, h = λ' − λ;
+    second order (2M): x0_hat is replaced by D0 + D1 / 2 with D1 = (x0_hat − x0_hat_prev) / r, r = h_prev / h.
+    Coefficients in float64; into t_next = 0 the step returns x0_hat.
+    """
+    if t_next == 0:
+        return x0_hat
+    decay = _signal_over_noise(t) / _signal_over_noise(t_next)  # e^{−h}, 0 from t = 1
+    estimate = x0_hat.double()
+    if x0_hat_prev is not None:
+        h = -math.log(decay)
+        h_prev = math.inf if t_prev >= 1 else math.log(_signal_over_noise(t) / _signal_over_noise(t_prev))
+        estimate = estimate + 0.5 * (h / h_prev) * (estimate - x0_hat_prev.double())
+    x_next = (t_next / t) * x.double() + (1.0 - t_next) * (1.0 - decay) * estimate
+    return x_next.to(x.dtype)
+
+
+def _dpm2_trajectory(model, x, cond, null_cond, guidance: float, grid: list[float]) -> Tensor:
+    """x from t = 1 to 0 with DPM-Solver++(2M): first order at the first and the final step, second in between."""
+    previous = None
+    last = len(grid) - 2
+    for k in range(last + 1):
+        t, t_next = grid[k], grid[k + 1]
+        v = guided_velocity(model, x, torch.tensor(t).to(x), cond, null_cond, guidance)
+        x0_hat = x - t * v
+        second_order = previous is not None and k != last
+        x = dpm_solver_step(x, x0_hat, t, t_next, *(previous if second_order else (None, None)))
+        previous = (x0_hat, t)
+    return x
 
 
 def initial_noise(seeds, shape) -> torch.Tensor:
@@ -153,10 +188,13 @@ def sample(model, prompts: list[str], seeds, sampler: str = "dpm2", steps: int =
         x = initial_noise(chunk_seeds, model.sample_shape).to(model.device)
         cond = model.encode_prompts(chunk_prompts)
         null_cond = model.encode_prompts([""] * len(chunk_prompts)) if guidance != 1.0 else None
-        scheduler = make_scheduler(sampler, steps, shift)  # multistep state is per batch
-        for timestep, t in zip(scheduler.timesteps, scheduler.sigmas[:-1]):
-            v = guided_velocity(model, x, t.to(x), cond, null_cond, guidance)
-            x = scheduler.step(v, timestep, x).prev_sample
+        if sampler == "dpm2":
+            x = _dpm2_trajectory(model, x, cond, null_cond, guidance, time_grid(steps, shift).double().tolist())
+        else:
+            scheduler = make_scheduler(sampler, steps, shift)
+            for timestep, t in zip(scheduler.timesteps, scheduler.sigmas[:-1]):
+                v = guided_velocity(model, x, t.to(x), cond, null_cond, guidance)
+                x = scheduler.step(v, timestep, x).prev_sample
         out.append(x)
     return torch.cat(out)
 

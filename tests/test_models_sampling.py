@@ -1,3 +1,4 @@
+import math
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ from elborl.models.tokenizer import build_tokenizer
 from elborl.models.shapes_model import ShapesFlowModel
 from elborl.geneval.types import TASKS
 from elborl.pretrain import PretrainConfig, RenderedPrompts, pretrain, training_times
-from elborl.sampling import make_scheduler, sample, sampler_times, to_uint8
+from elborl.sampling import make_scheduler, sample, sampler_times, time_grid, to_uint8
 from elborl.shapes.world import SHAPES_VOCABULARY
 
 from conftest import TINY
@@ -55,11 +56,71 @@ def test_euler_schedule_is_sd3_shifted_linspace():
     assert make_scheduler("euler", 10).sigmas[-1] == 0
 
 
-def test_dpm2_is_second_order_flow_dpm_solver():
-    scheduler = make_scheduler("dpm2", 10)
-    assert scheduler.config.solver_order == 2 and scheduler.config.prediction_type == "flow_prediction"
-    times = sampler_times("dpm2", 10)
-    assert len(times) == 10 and bool((times[1:] < times[:-1]).all()) and times[0] > 0.99
+def test_every_sampler_runs_on_the_one_sd3_grid():
+    """METHOD.md §0: Euler, DPM-Solver-2 and the SDE query the model at the same times, ending near 0."""
+    euler = sampler_times("euler", 10)
+    assert torch.equal(sampler_times("dpm2", 10), euler) and torch.equal(sampler_times("sde", 10), euler)
+    assert float(euler[-1]) < 0.01
+
+
+class GaussianData:
+    """Data x0 ~ N(mu, s^2) per dimension and its exact flow-matching velocity E[eps - x0 | x_t] (a stand-in
+    model): its probability-flow ODE maps x_1 to mu + s x_1 exactly."""
+
+    sample_shape = (1, 2, 2)
+    device = torch.device("cpu")
+
+    def __init__(self, mu=0.7, s=0.3):
+        self.mu, self.s = mu, s
+
+    def encode_prompts(self, prompts):
+        return torch.zeros(len(prompts), 1)
+
+    def velocity(self, x, t, cond):
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1, 1, 1, 1) if torch.as_tensor(t).dim() else float(t)
+        x = x.double()
+        variance = (1 - t) ** 2 * self.s ** 2 + t ** 2
+        centred = x - (1 - t) * self.mu
+        x0 = self.mu + (1 - t) * self.s ** 2 / variance * centred
+        eps = t / variance * centred
+        return (eps - x0).float()
+
+
+def transcribed_dpm_solver_pp_2m(model, x, grid):
+    """DPM-Solver++(2M) as Lu et al. (2022) write it, with alpha = 1 - t, sigma = t, lambda = log(alpha/sigma):
+    first order at the first and the last step, the multistep second-order update in between."""
+    x = x.double()
+    lam = lambda t: math.log(max(1 - t, 1e-300)) - math.log(t)  # noqa: E731
+    history = []
+    n = len(grid) - 1
+    for i in range(n):
+        t, t_next = grid[i], grid[i + 1]
+        m = x - t * model.velocity(x.float(), t, None).double()
+        history.append((t, m))
+        if t_next == 0:
+            x = m
+        elif i == 0 or i == n - 1:
+            h = lam(t_next) - lam(t)
+            x = (t_next / t) * x - (1 - t_next) * math.expm1(-h) * m
+        else:
+            (t_prev, m_prev), (_, m0) = history[-2], history[-1]
+            h, h0 = lam(t_next) - lam(t), lam(t) - lam(t_prev)
+            d1 = (m0 - m_prev) / (h0 / h)
+            x = (t_next / t) * x - (1 - t_next) * math.expm1(-h) * m0 - 0.5 * (1 - t_next) * math.expm1(-h) * d1
+    return x
+
+
+def test_dpm2_is_dpm_solver_pp_2m_on_the_sd3_grid():
+    model = GaussianData()
+    seeds = [3, 4, 5]
+    got = sample(model, ["a", "b", "c"], seeds, "dpm2", steps=10).double()
+    x1 = torch.stack([torch.randn(model.sample_shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    expected = transcribed_dpm_solver_pp_2m(model, x1, time_grid(10).double().tolist())
+    assert torch.allclose(got, expected, atol=1e-6)
+    # a data-prediction solver is exact when the data is one point: every x0 estimate is that point
+    point = GaussianData(mu=0.7, s=0.0)
+    assert torch.allclose(sample(point, ["a", "b", "c"], seeds, "dpm2", steps=10), torch.full_like(got, 0.7).float(),
+                          atol=1e-5)
 
 
 def test_unknown_sampler_is_rejected():
