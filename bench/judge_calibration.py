@@ -16,6 +16,8 @@ the sheets and writes `corrections/<name>.txt`, one line per change (image index
     12 1 ambiguous                  a person hesitates over it
     12 1 certain red square         it is a red square (the detector named it otherwise)
     12 add certain blue circle 20,7 an object the detector's segmentation missed, at column 20, row 7
+                                    (optionally its box after it: 16,3,25,12)
+    12 1 box 3,4,11,12              object 1's extent is x 3-11, y 4-12 (two touching shapes, one component)
     12 drop                         leave image 12 out (say why in a comment)
     # comments and blank lines are ignored
 
@@ -85,12 +87,26 @@ def cmd_sample(args) -> None:
         rng = np.random.default_rng(args.seed)
         pool = shapes_train_set(params.prompts.train_per_task, params.prompts.train_seed, params.prompts.coloured_variants)
         by_task = {t: [m for m in pool if m["tag"] == t] for t in TASKS}
-        metas = [by_task[t][i] for t in TASKS for i in rng.choice(len(by_task[t]), args.prompts_per_task, replace=False)]
+        # every single-object prompt of the world is a test prompt, so that task has no training prompts
+        metas = [by_task[t][i] for t in TASKS if by_task[t]
+                 for i in rng.choice(len(by_task[t]), min(args.prompts_per_task, len(by_task[t])), replace=False)]
     config = EvalConfig(images_per_prompt=args.images_per_prompt, seed=args.seed * 1000 + 7_000_000)
     expanded, seeds, images = sample_images(model, metas, config)
     sampler = f"{config.steps}-step {config.sampler}, seed {{}}"
     items = [(prefilled(meta, image, f"{source}, {sampler.format(seed)}", args.split, args.name), image)
              for meta, seed, image in zip(expanded, seeds, images)]
+    write_pending(args.name, items)
+
+
+def cmd_prefill(args) -> None:
+    """Prefilled labels and sheets again for a sample's images (after a change to the detector's segmentation)."""
+    from PIL import Image
+
+    rows = [json.loads(line) for line in (SET / "pending" / f"{args.name}.jsonl").read_text().splitlines() if line]
+    items = []
+    for row in rows:
+        image = np.asarray(Image.open(SET / row["image"]).convert("RGB"))
+        items.append((prefilled(row["meta"], image, row["source"], row["split"], args.name), image))
     write_pending(args.name, items)
 
 
@@ -145,6 +161,8 @@ def apply_corrections(items: list[tuple[jc.LabelledImage, np.ndarray]], text: st
             labelled = items[index][0]
             if line[1] == "drop":
                 dropped.add(index)
+            elif len(line) > 2 and line[2] == "box":
+                labelled.objects[int(line[1]) - 1].box = tuple(float(v) for v in line[3].split(","))
             elif line[1] == "add":
                 certainty, colour, shape = line[2:5]
                 col, row = (int(v) for v in line[5].split(","))
@@ -307,6 +325,8 @@ def main(argv=None) -> None:
     render = commands.add_parser("render", help="rendered scenes under graded degradations, labels known")
     render.add_argument("--per-level", type=int, default=8)
     render.add_argument("--seed", type=int, default=0)
+    prefill = commands.add_parser("prefill", help="prefill a sample's labels again from the detector as it is now")
+    prefill.add_argument("--name", required=True)
     label = commands.add_parser("label", help="apply corrections/<name>.txt to pending/<name>.jsonl")
     label.add_argument("--name", required=True)
     report = commands.add_parser("report", help="agreement with people and the reliability diagram")
@@ -328,7 +348,7 @@ def main(argv=None) -> None:
     sheet.add_argument("--out", default="/tmp/judge_sheet.png")
     args = parser.parse_args(argv)
     {"sample": cmd_sample, "render": cmd_render, "label": cmd_label, "report": cmd_report,
-     "sheet": cmd_sheet, "fit": cmd_fit, "measure": cmd_measure}[args.command](args)
+     "sheet": cmd_sheet, "fit": cmd_fit, "measure": cmd_measure, "prefill": cmd_prefill}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ MIN_OBJECT_MASS = 4.0
 # Alpha mass (pixels) a solid single-colour region needs to count as an object's body when a component is split
 # into touching objects of different colours (the world's smallest objects, 8 px, hold about 32).
 MIN_SPLIT_MASS = 12.0
+# A component is split by colour only where a piece fits its class better than the whole fits by this much.
+SPLIT_GAIN = 0.02
 # The best class's soft IoU is refined by a local search only between these (above, the fit is already as
 # good as a fit gets; far below, noise and merged blobs, no local search reaches a good one).
 REFINE_FROM, REFINE_TO = 0.65, 0.97
@@ -238,8 +240,10 @@ def _nearest_component(labels: np.ndarray) -> np.ndarray:
     return np.where(distance <= RIM_WIDTH, labels[rows, cols], 0)
 
 
-def split_by_colour(labels: np.ndarray, pixels: "PixelColors") -> np.ndarray:
+def split_by_colour(labels: np.ndarray, pixels: "PixelColors", candidates: set[int]) -> np.ndarray:
     """Components relabelled so that touching objects of different colours become separate components.
+
+    Only the `candidates` (component labels) are split.
 
     Within a component, every connected region of one palette colour that is solid (it keeps pixels after a 3x3
     erosion) and holds at least MIN_SPLIT_MASS of alpha is an object's body; when a component has two or more,
@@ -249,7 +253,7 @@ def split_by_colour(labels: np.ndarray, pixels: "PixelColors") -> np.ndarray:
     out = labels.copy()
     next_label = labels.max() + 1
     for index, region in enumerate(ndimage.find_objects(labels), start=1):
-        if region is None:
+        if region is None or index not in candidates:
             continue
         component = labels[region] == index
         bodies = np.zeros(component.shape, np.int32)
@@ -272,6 +276,10 @@ def split_by_colour(labels: np.ndarray, pixels: "PixelColors") -> np.ndarray:
             local[component & (nearest_body == body)] = next_label
             next_label += 1
     return out
+
+
+def _best_fit(measurement) -> float:
+    return max(measurement.ious.values())
 
 
 def _mask_box(mask: np.ndarray) -> tuple[float, float, float, float]:
@@ -313,14 +321,32 @@ class ShapesDetector:
         pixels = PixelColors(image, self.palette, self.background)
         foreground = pixels.alpha >= FOREGROUND_ALPHA
         labels, _ = ndimage.label(foreground, structure=np.ones((3, 3), bool))
-        labels = split_by_colour(labels, pixels)
+        whole = self._measure_components(pixels, labels)
+        split = split_by_colour(labels, pixels, set(whole))
+        if split.max() == labels.max():
+            return list(whole.values())
+        pieces = self._measure_components(pixels, split)
+        measurements = []
+        for index, measurement in whole.items():
+            parts = [pieces[p] for p in np.unique(split[labels == index]) if p in pieces]
+            # two touching objects: at least one piece is a better shape than the whole; a shape whose colour
+            # drifts across it: the whole is the better shape
+            if len(parts) > 1 and max(_best_fit(p) for p in parts) > _best_fit(measurement) + SPLIT_GAIN:
+                measurements += parts
+            else:
+                measurements.append(measurement)
+        return measurements
+
+    def _measure_components(self, pixels: PixelColors, labels: np.ndarray) -> dict[int, Measurement]:
         owner = _nearest_component(labels)
         far_from_objects = owner == 0
-        measurements = []
+        measurements = {}
         for index, region in enumerate(ndimage.find_objects(owner), start=1):
+            if region is None:
+                continue
             measurement = self._measure_component(pixels, labels, owner, index, region, far_from_objects)
             if measurement is not None:
-                measurements.append(measurement)
+                measurements[index] = measurement
         return measurements
 
     def _measure_component(self, pixels: PixelColors, labels, owner, index, region, far_from_objects):

@@ -483,6 +483,7 @@ RAMP_GRID = {
     "fit": np.round(np.arange(0.50, 0.96, 0.02), 2),
     "margin": np.round(np.arange(0.0, 0.16, 0.01), 2),
     "purity": np.round(np.arange(0.40, 0.99, 0.02), 2),
+    "defect": np.round(np.concatenate([np.arange(0.02, 0.40, 0.02), [0.5, 1.0]]), 2),
 }
 
 
