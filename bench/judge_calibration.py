@@ -90,6 +90,8 @@ def cmd_sample(args) -> None:
         # every single-object prompt of the world is a test prompt, so that task has no training prompts
         metas = [by_task[t][i] for t in TASKS if by_task[t]
                  for i in rng.choice(len(by_task[t]), min(args.prompts_per_task, len(by_task[t])), replace=False)]
+    if args.tasks:
+        metas = [m for m in metas if m["tag"] in args.tasks]
     config = EvalConfig(images_per_prompt=args.images_per_prompt, seed=args.seed * 1000 + 7_000_000)
     expanded, seeds, images = sample_images(model, metas, config)
     sampler = f"{config.steps}-step {config.sampler}, seed {{}}"
@@ -317,6 +319,7 @@ def main(argv=None) -> None:
     sample.add_argument("--prompts-per-task", type=int, default=10, help="training prompts drawn per task")
     sample.add_argument("--images-per-prompt", type=int, default=2)
     sample.add_argument("--split", choices=jc.SPLITS, required=True)
+    sample.add_argument("--tasks", nargs="*", choices=TASKS, help="only these tasks' prompts")
     sample.add_argument("--run", help="a bench run directory: sample its EMA policy instead of the base model")
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--params", default="params.yaml")

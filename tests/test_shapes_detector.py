@@ -305,15 +305,29 @@ def test_half_circle_half_square_blob_is_unconvincing(left, right, split_vertica
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_shape_painted_in_two_colours_is_unconvincing(shape):
+    """Half in a distant colour (red and blue, say); a neighbouring shade (red and orange) is one colour to a person."""
+    from elborl.shapes.judge_calibration import distant_colours
+
     rng = np.random.default_rng(4)
     colors = list(PALETTE)
     for _ in range(10):
         cx, cy, size = random_pose(rng)
-        c1, c2 = rng.choice(colors, size=2, replace=False)
+        c1 = rng.choice(colors)
+        c2 = rng.choice(distant_colours(c1))
         whole = shape_coverage(shape, cx, cy, size, IMAGE_SIZE, IMAGE_SIZE)
         left_half = supersampled(lambda x, y: inside_shape(shape, x, y, cx, cy, size) & (x < cx))
         image = paint([(whole, c1), (left_half, c2)])
         assert max_score(image) < GENEVAL_THRESHOLD
+
+
+def test_a_shape_shading_into_a_neighbouring_colour_is_one_confident_object():
+    rng = np.random.default_rng(8)
+    for c1, c2 in [("red", "orange"), ("blue", "purple"), ("green", "yellow"), ("purple", "red")]:
+        cx, cy, size = random_pose(rng)
+        whole = shape_coverage("square", cx, cy, size, IMAGE_SIZE, IMAGE_SIZE)
+        left_half = supersampled(lambda x, y: inside_shape("square", x, y, cx, cy, size) & (x < cx))
+        [detection] = DETECTOR(paint([(whole, c1), (left_half, c2)]))
+        assert detection.label == "square" and detection.score > COUNTING_THRESHOLD, (c1, c2, detection.score)
 
 
 def test_stretched_shapes_are_unconvincing():

@@ -67,8 +67,9 @@ class ConfidenceRamps:
 
     - fit: the best class's soft IoU. Clean rendered shapes fit at >= 0.995, half-and-half hybrids of two
       classes at 0.74-0.92 (so the fit alone cannot reject them: the class margin does).
-    - margin: the best class's IoU lead over the runner-up. Hybrids lead by 0.00-0.08, so a blob two classes
-      explain about equally well is not a confident detection of either.
+    - separation: how many times worse the runner-up class fits, (1 - its IoU) / (1 - the best IoU). A blob two
+      classes explain about equally well (a hybrid, a dome between circle and square) is near 1; a soft but
+      recognisable shape is clearly above (measured on labelled model samples, calibration/shapes_judge/).
     - purity: the alpha share of the majority palette colour; blobs of two colours fall under it.
     - defect: the largest solid region where object and template differ, as a share of the template's area;
       the confidence falls from 1 to 0 across it (a hybrid's missing or extra half-class is one such region).
@@ -76,10 +77,10 @@ class ConfidenceRamps:
     The defaults are calibrated against people (bench/judge_calibration.py, calibration/shapes_judge/).
     """
 
-    fit: tuple[float, float] = (0.80, 0.92)
-    margin: tuple[float, float] = (0.04, 0.10)
-    purity: tuple[float, float] = (0.75, 0.97)
-    defect: tuple[float, float] = (0.5, 1.0)  # off until calibrated: no object differs by more than itself
+    fit: tuple[float, float] = (0.50, 0.52)
+    separation: tuple[float, float] = (1.1, 1.5)
+    purity: tuple[float, float] = (0.40, 0.76)
+    defect: tuple[float, float] = (0.02, 0.2)
 
 
 CALIBRATED_RAMPS = ConfidenceRamps()
@@ -225,7 +226,8 @@ def confidence(ious: dict[str, float], purity: float, defect: float = 0.0,
     values = np.array([ious[n] for n in names])
     best = int(values.argmax())
     runner_up = np.partition(values, -2)[-2] if len(values) > 1 else 0.0
-    class_certainty = _ramp(values[best] - runner_up, *ramps.margin)
+    # a perfect fit's misfit is 0: floor it at a tenth of a percent so the ratio stays finite
+    class_certainty = _ramp((1.0 - runner_up) / max(1.0 - values[best], 1e-3), *ramps.separation)
     fit = _ramp(values[best], *ramps.fit)
     color = _ramp(purity, *ramps.purity)
     whole = 1.0 - _ramp(defect, *ramps.defect)
@@ -386,12 +388,26 @@ def ink_alpha(pixels: PixelColors, core: np.ndarray) -> np.ndarray:
     return np.clip(pixels.offset @ ink / strength, 0.0, 1.0)
 
 
+def hue_neighbours(names) -> list[tuple[int, int]]:
+    """For each palette colour (by index), the indices of the colours before and after it around the hue circle."""
+    import colorsys
+
+    hues = [colorsys.rgb_to_hsv(*(np.asarray(PALETTE[n]) / 255))[0] for n in names]
+    order = list(np.argsort(hues))
+    return [(int(order[order.index(i) - 1]), int(order[(order.index(i) + 1) % len(order)])) for i in range(len(names))]
+
+
 def color_purity(pixels: PixelColors, mask: np.ndarray) -> float:
-    """Share of the mask's alpha mass whose nearest palette colour is the majority one."""
+    """Share of the mask's alpha mass in one colour: the majority palette colour with the larger of its two hue
+    neighbours. A generated shape often drifts into a neighbouring shade (red to orange, blue to purple, green to
+    teal) and is still one object of one colour to a person; a shape painted in two distant colours is not."""
     total = pixels.alpha[mask].sum()
     if total <= 0:
         return 0.0
-    return float(pixels.color_votes(mask).max() / total)
+    votes = pixels.color_votes(mask)
+    majority = int(votes.argmax())
+    before, after = hue_neighbours(pixels.names)[majority]
+    return float((votes[majority] + max(votes[before], votes[after])) / total)
 
 
 class PaletteColorClassifier:

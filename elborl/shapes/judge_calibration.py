@@ -436,8 +436,8 @@ def _artefact(kind: str, obj: dict, rng, size: int) -> list[tuple[np.ndarray, st
         vertical = rng.random() < 0.5
         return [(_supersampled(lambda x, y: np.where((x < cx) if vertical else (y < cy), inside_shape(a, x, y, cx, cy, s),
                                                      inside_shape(b, x, y, cx, cy, s)), size), colour)]
-    if kind == "two_colour":  # one shape, half of it in another colour
-        other = rng.choice([c for c in COLORS if c != colour])
+    if kind == "two_colour":  # one shape, half of it in a colour that is not a neighbouring shade
+        other = rng.choice(distant_colours(colour))
         shape = obj["class"]
         return [(_supersampled(lambda x, y: inside_shape(shape, x, y, cx, cy, s), size), colour),
                 (_supersampled(lambda x, y: inside_shape(shape, x, y, cx, cy, s) & (x < cx), size), other)]
@@ -450,6 +450,16 @@ def _artefact(kind: str, obj: dict, rng, size: int) -> list[tuple[np.ndarray, st
         return [(_supersampled(lambda x, y: inside_shape(a, x, y, cx - dx, cy, 0.9 * s)
                                | inside_shape(b, x, y, cx + dx, cy, 0.9 * s), size), colour)]
     raise ValueError(f"unknown artefact {kind!r}; expected one of {HACKS}")
+
+
+def distant_colours(colour: str) -> list[str]:
+    """The palette colours that are neither `colour` nor its neighbours around the hue circle."""
+    from elborl.shapes.detector import hue_neighbours
+    from elborl.shapes.world import COLORS
+
+    index = COLORS.index(colour)
+    near = {index, *hue_neighbours(COLORS)[index]}
+    return [c for i, c in enumerate(COLORS) if i not in near]
 
 
 def hacked_scene(meta: dict, kind: str, rng: np.random.Generator, size: int = 32):
@@ -481,9 +491,9 @@ def hacked_scene(meta: dict, kind: str, rng: np.random.Generator, size: int = 32
 # --- choosing the confidence ramps on the fit split ---------------------------------------------------------
 RAMP_GRID = {
     "fit": np.round(np.arange(0.50, 0.96, 0.02), 2),
-    "margin": np.round(np.arange(0.0, 0.16, 0.01), 2),
+    "separation": np.round(np.arange(1.0, 3.01, 0.05), 2),
     "purity": np.round(np.arange(0.40, 0.99, 0.02), 2),
-    "defect": np.round(np.concatenate([np.arange(0.02, 0.40, 0.02), [0.5, 1.0]]), 2),
+    "defect": np.round(np.concatenate([np.arange(0.005, 0.1, 0.005), [0.2, 0.5, 1.0]]), 3),
 }
 
 
