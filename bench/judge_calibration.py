@@ -130,7 +130,7 @@ def cmd_render(args) -> None:
                 split = "fit" if len(items) % 2 == 0 else "held_out"
                 items.append((jc.LabelledImage("", meta, f"render, {kind} {level:g}", split, objects), image))
     for kind in jc.HACKS:
-        for _ in range(2 * args.per_level):
+        for _ in range(15 * args.per_level):
             meta = metas[rng.integers(len(metas))]
             image, objects = jc.hacked_scene(meta, kind, rng)
             split = "fit" if len(items) % 2 == 0 else "held_out"
@@ -234,8 +234,9 @@ def cmd_report(args) -> None:
 def cmd_fit(args) -> None:
     items = [(l, im) for l, im in jc.read_set(SET) if l.split == "fit"]
     print(f"choosing the confidence ramps on the fit split: {len(items)} images")
-    ramps, (agree, in_band) = jc.fit_ramps(items)
-    print(f"\nbest: {ramps}\n  fit-split agreement {agree:.3f}, objects in their band {in_band:.3f}; put it in "
+    ramps, (agree, in_band, let_through) = jc.fit_ramps(items)
+    print(f"\nbest: {ramps}\n  fit-split agreement {agree:.3f}, objects in their band {in_band:.3f}, "
+          f"none let through {let_through:.3f}; put it in "
           "elborl/shapes/detector.py (ConfidenceRamps defaults), then run `report` for the held-out split")
 
 

@@ -65,25 +65,32 @@ FIT_MARGIN = 3
 class ConfidenceRamps:
     """Where each factor of the confidence rises from 0 to 1: (low, high) of a smooth step.
 
-    - fit: the best class's soft IoU. Clean rendered shapes fit at >= 0.995, half-and-half hybrids of two
-      classes at 0.74-0.92 (so the fit alone cannot reject them: the class margin does).
+    - fit: the best class's soft IoU. Clean rendered shapes fit at >= 0.995, shapes people name with certainty
+      in base-model samples at 0.89-0.96 (5th-95th percentile), half-and-half hybrids of two classes at 0.77-0.90
+      (so the fit alone cannot reject them: separation and defect do).
     - separation: how many times worse the runner-up class fits, (1 - its IoU) / (1 - the best IoU). A blob two
       classes explain about equally well (a hybrid, a dome between circle and square) is near 1; a soft but
       recognisable shape is clearly above (measured on labelled model samples, calibration/shapes_judge/).
-    - purity: the alpha share of the majority palette colour; blobs of two colours fall under it.
+    - purity: the alpha share of the majority palette colour and its nearer hue neighbour (`color_purity`);
+      blobs of two distant colours fall under it.
     - defect: the largest solid region where object and template differ, as a share of the template's area;
       the confidence falls from 1 to 0 across it (a hybrid's missing or extra half-class is one such region).
+    - asymmetry: 1 - the object's overlap with its mirror image; every class is mirror-symmetric, a half-circle
+      half-square is not (people's certain shapes in base samples: 0.16 at the 95th percentile, such hybrids ~0.37).
 
     The defaults are calibrated against people (bench/judge_calibration.py, calibration/shapes_judge/).
     """
 
-    fit: tuple[float, float] = (0.50, 0.52)
-    separation: tuple[float, float] = (1.1, 1.5)
-    purity: tuple[float, float] = (0.40, 0.76)
-    defect: tuple[float, float] = (0.02, 0.2)
+    fit: tuple[float, float] = (0.84, 0.92)
+    separation: tuple[float, float] = (1.15, 1.3)
+    purity: tuple[float, float] = (0.70, 0.98)
+    defect: tuple[float, float] = (0.035, 0.045)
+    asymmetry: tuple[float, float] = (0.175, 0.475)
 
 
 CALIBRATED_RAMPS = ConfidenceRamps()
+# Classes that are mirror-symmetric about a horizontal axis as well as a vertical one.
+HORIZONTALLY_SYMMETRIC = ("circle", "square")
 
 
 def _ramp(value: float, low: float, high: float) -> float:
@@ -190,10 +197,31 @@ def largest_defect(floored: np.ndarray, name: str, pose: tuple) -> float:
     return float(masses.max() / max(template.sum(), 1.0))
 
 
+def _soft_overlap(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.maximum(a, b).sum()
+    return float(np.minimum(a, b).sum() / union) if union > 0 else 0.0
+
+
+def asymmetry(floored: np.ndarray, name: str) -> float:
+    """1 - the soft IoU of the object with its own mirror image about its centroid's vertical axis (and, for the
+    classes symmetric about a horizontal axis too, the worse of both mirrors). Every class is mirror-symmetric, and
+    a soft or wobbly shape stays nearly so; a hybrid (half circle, half square) does not."""
+    mass = floored.sum()
+    if mass <= 0:
+        return 1.0
+    rows, cols = np.indices(floored.shape)
+    cx, cy = (floored * (cols + 0.5)).sum() / mass, (floored * (rows + 0.5)).sum() / mass
+    # pixel j's centre j + 0.5 mirrors to 2 cx - j - 0.5, i.e. index 2 cx - j - 1
+    mirrored = [ndimage.map_coordinates(floored, [rows, 2 * cx - cols - 1], order=1, mode="constant")]
+    if name in HORIZONTALLY_SYMMETRIC:
+        mirrored.append(ndimage.map_coordinates(floored, [2 * cy - rows - 1, cols], order=1, mode="constant"))
+    return max(1.0 - _soft_overlap(floored, m) for m in mirrored)
+
+
 def fit_classes(observed: np.ndarray, moment_alpha: np.ndarray | None = None,
-                classes=SHAPES) -> tuple[dict[str, float], float]:
-    """Soft IoU of one instance's alpha with each class's template fitted by moments, and the largest defect
-    of the best class's fit (`largest_defect`).
+                classes=SHAPES) -> tuple[dict[str, float], float, float]:
+    """Soft IoU of one instance's alpha with each class's template fitted by moments, the largest defect
+    of the best class's fit (`largest_defect`) and the object's asymmetry for that class (`asymmetry`).
 
     The alpha mass gives the template's size for that class, the alpha centroid its centre
     (shifted by the class's centroid offset, for the triangle); `moment_alpha` (default
@@ -216,12 +244,12 @@ def fit_classes(observed: np.ndarray, moment_alpha: np.ndarray | None = None,
     pose = fits[best][1]
     if REFINE_FROM < ious[best] < REFINE_TO:
         pose, ious[best] = _refine(floored, best, pose, ious[best])
-    return ious, largest_defect(floored, best, pose)
+    return ious, largest_defect(floored, best, pose), asymmetry(floored, best)
 
 
 def confidence(ious: dict[str, float], purity: float, defect: float = 0.0,
-               ramps: ConfidenceRamps = CALIBRATED_RAMPS) -> tuple[str, float]:
-    """(label, score): fit quality x class certainty x colour purity x no solid defect, each in [0, 1]."""
+               ramps: ConfidenceRamps = CALIBRATED_RAMPS, asymmetric: float = 0.0) -> tuple[str, float]:
+    """(label, score): fit quality x class certainty x colour purity x no solid defect x symmetry, each in [0, 1]."""
     names = list(ious)
     values = np.array([ious[n] for n in names])
     best = int(values.argmax())
@@ -231,7 +259,8 @@ def confidence(ious: dict[str, float], purity: float, defect: float = 0.0,
     fit = _ramp(values[best], *ramps.fit)
     color = _ramp(purity, *ramps.purity)
     whole = 1.0 - _ramp(defect, *ramps.defect)
-    return names[best], fit * class_certainty * color * whole
+    symmetric = 1.0 - _ramp(asymmetric, *ramps.asymmetry)
+    return names[best], fit * class_certainty * color * whole * symmetric
 
 
 def _nearest_component(labels: np.ndarray) -> np.ndarray:
@@ -299,9 +328,10 @@ class Measurement:
     ious: dict[str, float]  # soft IoU with each class's fitted template
     purity: float  # alpha share of the majority palette colour
     defect: float  # largest solid region where the best class's template and the object differ, share of its area
+    asymmetry: float  # 1 - overlap with its own mirror image (`asymmetry`)
 
     def detection(self, ramps: ConfidenceRamps = CALIBRATED_RAMPS) -> Detection:
-        label, score = confidence(self.ious, self.purity, self.defect, ramps)
+        label, score = confidence(self.ious, self.purity, self.defect, ramps, self.asymmetry)
         return Detection(label=label, score=float(score), box=self.box, mask=self.core)
 
 
@@ -353,7 +383,8 @@ class ShapesDetector:
 
     def _measure_component(self, pixels: PixelColors, labels, owner, index, region, far_from_objects):
         core = labels == index
-        alpha = ink_alpha(pixels, core)
+        # its own ink sees a washed-out shape whole; the palette's alpha sees a shape of two colours whole
+        alpha = np.maximum(ink_alpha(pixels, core), pixels.alpha)
         # Fit in a window around the component's region, with room for a misfitting template.
         window = tuple(slice(max(r.start - FIT_MARGIN, 0), r.stop + FIT_MARGIN) for r in region)
         mine = owner[window] == index
@@ -367,8 +398,9 @@ class ShapesDetector:
         moment_alpha = np.where(rim, observed - background_level, observed)
         if moment_alpha.sum() < 0.5 * observed.sum():
             moment_alpha = observed
-        ious, defect = fit_classes(observed, moment_alpha, self.classes)
-        return Measurement(core=core, box=_mask_box(core), ious=ious, purity=color_purity(pixels, core), defect=defect)
+        ious, defect, asymmetric = fit_classes(observed, moment_alpha, self.classes)
+        return Measurement(core=core, box=_mask_box(core), ious=ious, purity=color_purity(pixels, core), defect=defect,
+                           asymmetry=asymmetric)
 
 
 def ink_alpha(pixels: PixelColors, core: np.ndarray) -> np.ndarray:

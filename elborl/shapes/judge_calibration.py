@@ -431,24 +431,33 @@ def _artefact(kind: str, obj: dict, rng, size: int) -> list[tuple[np.ndarray, st
     from elborl.shapes.world import COLORS, SHAPES
 
     (cx, cy), s, colour = obj["center"], obj["size"], obj["color"]
-    if kind == "hybrid":  # half one class, half another
+    if kind == "hybrid":  # part one class, part another
         a, b = rng.choice(SHAPES, size=2, replace=False)
-        vertical = rng.random() < 0.5
-        return [(_supersampled(lambda x, y: np.where((x < cx) if vertical else (y < cy), inside_shape(a, x, y, cx, cy, s),
-                                                     inside_shape(b, x, y, cx, cy, s)), size), colour)]
-    if kind == "two_colour":  # one shape, half of it in a colour that is not a neighbouring shade
+        vertical, cut = rng.random() < 0.5, rng.uniform(-0.05, 0.05) * s
+        return [(_supersampled(lambda x, y: np.where((x < cx + cut) if vertical else (y < cy + cut),
+                                                     inside_shape(a, x, y, cx, cy, s), inside_shape(b, x, y, cx, cy, s)),
+                               size), colour)]
+    if kind == "two_colour":  # one shape, 30-70 % of it in a colour that is not a neighbouring shade
         other = rng.choice(distant_colours(colour))
         shape = obj["class"]
-        return [(_supersampled(lambda x, y: inside_shape(shape, x, y, cx, cy, s), size), colour),
-                (_supersampled(lambda x, y: inside_shape(shape, x, y, cx, cy, s) & (x < cx), size), other)]
+        whole = _supersampled(lambda x, y: inside_shape(shape, x, y, cx, cy, s), size)
+        while True:
+            angle, offset = rng.uniform(0, 2 * np.pi), rng.uniform(-0.2, 0.2) * s
+            part = _supersampled(lambda x, y: inside_shape(shape, x, y, cx, cy, s)
+                                 & ((x - cx) * np.cos(angle) + (y - cy) * np.sin(angle) < offset), size)
+            if 0.3 <= part.sum() / whole.sum() <= 0.7:
+                return [(whole, colour), (part, other)]
     if kind == "stretched":  # an ellipse, neither circle nor square
         rx, ry = (0.65 * s, 0.4 * s) if rng.random() < 0.5 else (0.4 * s, 0.65 * s)
         return [(_supersampled(lambda x, y: ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1, size), colour)]
     if kind == "merged":  # two shapes of one colour melted together
         a, b = rng.choice(SHAPES, size=2)
-        dx = 0.3 * s
-        return [(_supersampled(lambda x, y: inside_shape(a, x, y, cx - dx, cy, 0.9 * s)
-                               | inside_shape(b, x, y, cx + dx, cy, 0.9 * s), size), colour)]
+        s1, s2 = rng.uniform(0.7, 1.0, size=2) * s
+        gap = rng.uniform(0.4, 0.65) * (s1 + s2) / 2  # centre distance: the shapes overlap
+        angle = rng.uniform(0, 2 * np.pi)
+        dx, dy = gap * np.cos(angle) / 2, gap * np.sin(angle) / 2
+        return [(_supersampled(lambda x, y: inside_shape(a, x, y, cx - dx, cy - dy, s1)
+                               | inside_shape(b, x, y, cx + dx, cy + dy, s2), size), colour)]
     raise ValueError(f"unknown artefact {kind!r}; expected one of {HACKS}")
 
 
@@ -494,6 +503,7 @@ RAMP_GRID = {
     "separation": np.round(np.arange(1.0, 3.01, 0.05), 2),
     "purity": np.round(np.arange(0.40, 0.99, 0.02), 2),
     "defect": np.round(np.concatenate([np.arange(0.005, 0.1, 0.005), [0.2, 0.5, 1.0]]), 3),
+    "asymmetry": np.round(np.arange(0.10, 0.52, 0.025), 3),
 }
 
 
@@ -518,9 +528,9 @@ class _Measured:
         return correct, objects
 
 
-def calibration_objective(measured: list[_Measured], ramps) -> tuple[float, float]:
+def calibration_objective(measured: list[_Measured], ramps) -> tuple[float, float, float]:
     """(share of images where judge and person agree, mean share of objects in their certainty's band:
-    certain > 0.9, ambiguous in 0.3-0.9, none <= 0.3)."""
+    certain > 0.9, ambiguous in 0.3-0.9, none <= 0.3, share of `none` objects scored above 0.3)."""
     agree, bands = [], {c: [] for c in CERTAINTY_SCORES}
     for item in measured:
         correct, objects = item.judge(ramps)
@@ -529,12 +539,23 @@ def calibration_objective(measured: list[_Measured], ramps) -> tuple[float, floa
             in_band = {"certain": score > 0.9, "ambiguous": 0.3 < score <= 0.9, "none": score <= 0.3}[certainty]
             bands[certainty].append(in_band)
     band_shares = [np.mean(v) for v in bands.values() if v]
-    return float(np.mean(agree)), float(np.mean(band_shares))
+    let_through = 1.0 - float(np.mean(bands["none"])) if bands["none"] else 0.0
+    return float(np.mean(agree)), float(np.mean(band_shares)), let_through
+
+
+# How much the share of objects in their certainty's band counts beside image agreement in the ramp search. With
+# agreement alone the search picks step functions (ambiguous objects then score 0 or 1, never in between); a
+# fifth is enough to prefer smooth ramps among those of about equal agreement.
+BAND_WEIGHT = 0.2
+# What letting a `none` object (a blob, a hybrid, a two-colour shape) through GenEval's 0.3 threshold costs: it
+# is a reward a policy can hack, so it weighs more than the images it would win.
+HACK_WEIGHT = 10.0
 
 
 def fit_ramps(items: list[tuple[LabelledImage, np.ndarray]], start=None, sweeps: int = 3, log=print):
-    """Coordinate search over each ramp's (low, high) on RAMP_GRID, maximising image agreement with people,
-    then the share of objects in their certainty's band. Returns (ramps, (agreement, band share))."""
+    """Coordinate search over each ramp's (low, high) on RAMP_GRID, maximising image agreement with people plus
+    BAND_WEIGHT x the share of objects in their certainty's band, minus HACK_WEIGHT x the share of `none` objects
+    let through. Returns (ramps, (agreement, band share, none let through))."""
     from dataclasses import replace
 
     from elborl.shapes.detector import CALIBRATED_RAMPS
@@ -542,18 +563,22 @@ def fit_ramps(items: list[tuple[LabelledImage, np.ndarray]], start=None, sweeps:
     ramps = start or CALIBRATED_RAMPS
     detector = ShapesDetector(ramps=ramps)
     measured = [_Measured(labelled, image, detector) for labelled, image in items]
+    def value(result):
+        return result[0] + BAND_WEIGHT * result[1] - HACK_WEIGHT * result[2]
+
     best = calibration_objective(measured, ramps)
-    log(f"start {ramps}: agreement {best[0]:.3f}, objects in band {best[1]:.3f}")
+    log(f"start {ramps}: agreement {best[0]:.3f}, objects in band {best[1]:.3f}, none let through {best[2]:.3f}")
     for sweep in range(sweeps):
         improved = False
         for name, grid in RAMP_GRID.items():
             for low in grid:
                 for high in grid[grid > low]:
                     candidate = replace(ramps, **{name: (float(low), float(high))})
-                    value = calibration_objective(measured, candidate)
-                    if value > best:
-                        ramps, best, improved = candidate, value, True
-        log(f"sweep {sweep + 1}: {ramps}: agreement {best[0]:.3f}, objects in band {best[1]:.3f}")
+                    result = calibration_objective(measured, candidate)
+                    if value(result) > value(best):
+                        ramps, best, improved = candidate, result, True
+        log(f"sweep {sweep + 1}: {ramps}: agreement {best[0]:.3f}, objects in band {best[1]:.3f}, "
+            f"none let through {best[2]:.3f}")
         if not improved:
             break
     return ramps, best
