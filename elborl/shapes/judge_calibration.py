@@ -15,17 +15,20 @@ detector reports what they see; nothing in GenEval's rules changes.
 The set lives in `calibration/shapes_judge/` (`labels.jsonl` + PNGs), see `bench/judge_calibration.py`.
 """
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+import io
 import json
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
+from scipy import ndimage
 
 from elborl.geneval.scoring import GenEvalScorer, evaluate_image, filter_detections
 from elborl.geneval.types import TASKS, Detection
-from elborl.shapes.detector import PaletteColorClassifier, ShapesDetector
-from elborl.shapes.world import COLORS, SHAPES
+from elborl.shapes.detector import CALIBRATED_RAMPS, PaletteColorClassifier, ShapesDetector, hue_neighbours
+from elborl.shapes.render import SUPERSAMPLE, inside_shape, render
+from elborl.shapes.world import BACKGROUND, COLORS, PALETTE, SHAPES
 
 CERTAINTY_SCORES = {"certain": 1.0, "ambiguous": 0.5, "none": 0.0}
 SPLITS = ("fit", "held_out")
@@ -205,30 +208,27 @@ def _smooth_field(rng: np.random.Generator, amplitude: float):
     waves = [(rng.uniform(0.15, 0.45, size=2) * rng.choice([-1, 1], size=2), rng.uniform(0, 2 * np.pi))
              for _ in range(6)]
 
-    def field(x, y):
+    def displacement(x, y):
         dx = sum(np.sin(k[0] * x + k[1] * y + p) for k, p in waves[:3]) / np.sqrt(3)
         dy = sum(np.sin(k[0] * x + k[1] * y + p) for k, p in waves[3:]) / np.sqrt(3)
         return amplitude * dx, amplitude * dy
 
-    return field
+    return displacement
 
 
 def _coverage(obj: dict, size: int, warp=None) -> np.ndarray:
-    from elborl.shapes.render import SUPERSAMPLE, inside_shape
+    """An object's anti-aliased coverage, its outline optionally warped by `warp(x, y) -> (dx, dy)`."""
+    def inside(x, y):
+        if warp is not None:
+            dx, dy = warp(x, y)
+            x, y = x + dx, y + dy
+        return inside_shape(obj["class"], x, y, *obj["center"], obj["size"])
 
-    offsets = (np.arange(size * SUPERSAMPLE) + 0.5) / SUPERSAMPLE
-    x, y = np.meshgrid(offsets, offsets)
-    if warp is not None:
-        dx, dy = warp(x, y)
-        x, y = x + dx, y + dy
-    inside = inside_shape(obj["class"], x, y, *obj["center"], obj["size"])
-    return inside.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3)).astype(np.float32)
+    return _supersampled(inside, size)
 
 
 def _paint(objects: list[dict], size: int, background, colour_fields=None) -> tuple[np.ndarray, list[np.ndarray]]:
     """Composites objects over the background; `colour_fields[i]` (H x W x 3) replaces object i's flat colour."""
-    from elborl.shapes.world import PALETTE
-
     canvas = np.empty((size, size, 3), np.float32)
     canvas[:] = background
     coverages = []
@@ -244,8 +244,6 @@ def _paint(objects: list[dict], size: int, background, colour_fields=None) -> tu
 
 
 def _gradient_field(obj: dict, amount: float, size: int, rng) -> np.ndarray:
-    from elborl.shapes.world import PALETTE
-
     colour = np.asarray(PALETTE[obj["color"]], np.float32)
     angle = rng.uniform(0, 2 * np.pi)
     rows, cols = np.indices((size, size)) + 0.5
@@ -260,8 +258,6 @@ def degraded_scene(meta: dict, kind: str, level: float, rng: np.random.Generator
     Returns (uint8 image, [LabelledObject]), or None when the degradation cannot be applied to this scene
     (e.g. touching needs two objects).
     """
-    from elborl.shapes.render import render
-    from elborl.shapes.world import BACKGROUND
 
     _, objects = render(meta, rng, size)
     background = np.asarray(BACKGROUND, np.float32)
@@ -288,8 +284,6 @@ def degraded_scene(meta: dict, kind: str, level: float, rng: np.random.Generator
         background = background + rng.uniform(-level, level, size=3).astype(np.float32)
     canvas, coverages = _paint(objects, size, background, colour_fields)
     if kind == "blur":
-        from scipy import ndimage
-
         offset = canvas - background
         canvas = background + np.stack([ndimage.gaussian_filter(offset[..., c], level, mode="constant")
                                         for c in range(3)], axis=-1)
@@ -347,8 +341,6 @@ def contact_sheet(items: list[tuple[LabelledImage, np.ndarray]], columns: int = 
                   first_index: int = 0):
     """Images enlarged (nearest neighbour) with their index and prompt, each labelled object numbered at its
     pixel and listed below ("1 certain red circle"); `notes` adds a line per image (e.g. the judge's verdict)."""
-    from PIL import ImageDraw
-
     tile = 32 * SHEET_SCALE
     text_height = 14 * 6
     cell_w, cell_h = tile + 12, tile + text_height
@@ -385,8 +377,6 @@ def _wrap(lines: list[str], width: int = 40) -> list[str]:
 def reliability_diagram(groups: dict[str, list[tuple[str, float, bool]]]):
     """Per group of (certainty, confidence, same shape) object scores: the distribution of the judge's confidence
     for each certainty a person gave, against GenEval's 0.3 and 0.9 thresholds (a PIL image)."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -418,8 +408,6 @@ HACKS = ("hybrid", "two_colour", "stretched", "merged")
 
 
 def _supersampled(predicate, size: int) -> np.ndarray:
-    from elborl.shapes.render import SUPERSAMPLE
-
     offsets = (np.arange(size * SUPERSAMPLE) + 0.5) / SUPERSAMPLE
     x, y = np.meshgrid(offsets, offsets)
     return predicate(x, y).reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3)).astype(np.float32)
@@ -427,9 +415,6 @@ def _supersampled(predicate, size: int) -> np.ndarray:
 
 def _artefact(kind: str, obj: dict, rng, size: int) -> list[tuple[np.ndarray, str]]:
     """(coverage, colour) layers of one artefact painted where `obj` would be."""
-    from elborl.shapes.render import inside_shape
-    from elborl.shapes.world import COLORS, SHAPES
-
     (cx, cy), s, colour = obj["center"], obj["size"], obj["color"]
     if kind == "hybrid":  # part one class, part another
         a, b = rng.choice(SHAPES, size=2, replace=False)
@@ -463,9 +448,6 @@ def _artefact(kind: str, obj: dict, rng, size: int) -> list[tuple[np.ndarray, st
 
 def distant_colours(colour: str) -> list[str]:
     """The palette colours that are neither `colour` nor its neighbours around the hue circle."""
-    from elborl.shapes.detector import hue_neighbours
-    from elborl.shapes.world import COLORS
-
     index = COLORS.index(colour)
     near = {index, *hue_neighbours(COLORS)[index]}
     return [c for i, c in enumerate(COLORS) if i not in near]
@@ -473,9 +455,6 @@ def distant_colours(colour: str) -> list[str]:
 
 def hacked_scene(meta: dict, kind: str, rng: np.random.Generator, size: int = 32):
     """A rendered scene whose first object is replaced by a reward-hacking artefact (labelled `none`)."""
-    from elborl.shapes.render import render
-    from elborl.shapes.world import BACKGROUND, PALETTE
-
     _, objects = render(meta, rng, size)
     canvas = np.empty((size, size, 3), np.float32)
     canvas[:] = BACKGROUND
@@ -556,9 +535,6 @@ def fit_ramps(items: list[tuple[LabelledImage, np.ndarray]], start=None, sweeps:
     """Coordinate search over each ramp's (low, high) on RAMP_GRID, maximising image agreement with people plus
     BAND_WEIGHT x the share of objects in their certainty's band, minus HACK_WEIGHT x the share of `none` objects
     let through. Returns (ramps, (agreement, band share, none let through))."""
-    from dataclasses import replace
-
-    from elborl.shapes.detector import CALIBRATED_RAMPS
 
     ramps = start or CALIBRATED_RAMPS
     detector = ShapesDetector(ramps=ramps)
