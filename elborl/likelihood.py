@@ -99,24 +99,29 @@ def adaptive_weight(x0_hat: Tensor, x0: Tensor) -> Tensor:
     return _mean_over_data((x0_hat - x0).abs()).detach().clamp_min(ADAPTIVE_WEIGHT_FLOOR)
 
 
-def elbo(v: Tensor, x0: Tensor, x_t: Tensor, eps: Tensor, t: Tensor, weighting: str = "adaptive") -> Tensor:
+def elbo(v: Tensor, x0: Tensor, x_t: Tensor, eps: Tensor, t: Tensor, weighting: str = "adaptive",
+         guidance: float = 1.0) -> Tensor:
     """§2: the ELBO of each term (higher is more likely), shape B.
 
-    adaptive: -mean_d (x0_hat - x0)^2 / w with w = stopgrad(mean_d |x0_hat - x0|) (the recipe's default)
+    adaptive: -mean_d (x0_hat - x0)^2 / (G w) with w = stopgrad(mean_d |x0_hat - x0|) (the recipe's default)
     t:        -mean_d (x0_hat - x0)^2
-    uniform:  -mean_d (v - (eps - x0))^2
+    uniform:  -mean_d (v - (eps - x0))^2 / G^2
     exact:    -((1 - t) / (t + 1e-3)) * mean_d (v - (eps - x0))^2
+
+    G is the CFG guidance `v` was computed with (1 = none). A guided velocity's error grows about linearly in G,
+    so the official code divides the adaptive ELBO by G and the uniform one by G^2 to keep ELBOs, δ and the
+    advantage's weight against δ comparable across guidances (§2).
     """
     if weighting in ("adaptive", "t"):
         x0_hat = clean_estimate(v, x_t, t)
         squared = _mean_over_data((x0_hat - x0) ** 2)
         if weighting == "t":
             return -squared
-        return -squared / adaptive_weight(x0_hat, x0)
+        return -squared / adaptive_weight(x0_hat, x0) / guidance
     if weighting in ("uniform", "exact"):
         squared = _mean_over_data((v - (eps - x0)) ** 2)
         if weighting == "uniform":
-            return -squared
+            return -squared / guidance ** 2
         t = t.to(squared).reshape(-1)
         return -((1 - t) / (t + EXACT_TIME_OFFSET)) * squared
     raise ValueError(f"unknown ELBO weighting {weighting!r}; expected one of {WEIGHTINGS}")

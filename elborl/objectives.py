@@ -20,7 +20,7 @@ nothing that is GRPO — plain advantage-weighted likelihood is already `epg_nor
 `nft` (DiffusionNFT, §6) is not a function of likelihood values but of velocities: `nft_loss`.
 
 The KL penalties are separate and weighted by the caller: `kl_to_reference` (§3, "+ β · mean_d (v_θ − v_ref)²")
-on ELBO terms, `kl_between_steps` (§6, ‖μ_θ − μ_ref‖² / (2 σ_t² |dt|)) on trajectory terms.
+on ELBO terms, `kl_between_steps` (§6, ‖μ_θ − μ_ref‖² / (2 σ_t²), as Flow-GRPO's code) on trajectory terms.
 """
 
 from dataclasses import dataclass
@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from elborl.likelihood import elbo
-from elborl.sampling import sde_step
+from elborl.sampling import per_row, sde_sigma, sde_step
 
 RATIO_OBJECTIVES = ("epg", "pepg", "par", "grpo")
 NORATIO_OBJECTIVES = ("epg_noratio", "pepg_noratio", "par_noratio")
@@ -142,11 +142,14 @@ def kl_to_reference(v_current: Tensor, v_reference: Tensor) -> Tensor:
 
 def kl_between_steps(v_current: Tensor, v_reference: Tensor, x: Tensor, t: Tensor, t_next: Tensor,
                      noise_level: float) -> Tensor:
-    """§6 Flow-GRPO's KL per trajectory term: ‖μ_θ − μ_ref‖² / (2 σ_t² |dt|), mean over dims — the KL between
-    the two Gaussian SDE steps from x (same std), gradient to v_θ only. The caller multiplies by β."""
-    mean, std = sde_step(x, v_current, t, t_next, noise_level)
+    """§6 Flow-GRPO's KL per trajectory term as its code computes it: mean_d (μ_θ − μ_ref)² / (2 σ_t²), with σ_t
+    the SDE's noise scale *without* the step's sqrt(|dt|). The exact KL between the two Gaussian steps divides by
+    σ_t² |dt| instead (4-25x larger on a 10-step grid); this one is what β = 0.04 was tuned with. Gradient to v_θ
+    only; the caller multiplies by β."""
+    mean, _ = sde_step(x, v_current, t, t_next, noise_level)
     mean_reference, _ = sde_step(x, v_reference.detach(), t, t_next, noise_level)
-    kl = (mean - mean_reference) ** 2 / (2 * std ** 2)
+    sigma = sde_sigma(per_row(t, x), per_row(t_next, x), noise_level)
+    kl = (mean - mean_reference) ** 2 / (2 * sigma ** 2)
     return kl.reshape(kl.shape[0], -1).mean(dim=1)
 
 

@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 from elborl.checkpoint import load_latest_checkpoint, save_checkpoint
 from elborl.likelihood import (ESTIMATORS, WEIGHTINGS, elbo, elbo_times, expand_to_terms, perturb, times_in_window,
                                trajectory_log_prob, trajectory_terms)
-from elborl.objectives import (ADVANTAGE_MODES, OBJECTIVES, TermStats, group_advantages, kl_between_steps,
-                               kl_to_reference, nft_loss, nft_optimality, policy_loss)
+from elborl.objectives import (ADVANTAGE_MODES, CLIPPED_OBJECTIVES, OBJECTIVES, TermStats, group_advantages,
+                               kl_between_steps, kl_to_reference, nft_loss, nft_optimality, policy_loss)
 from elborl.policy import CURRENT, OLD, REFERENCE, Policy
 from elborl.runtime import PRECISIONS, resolve_precision
 from elborl.sampling import SAMPLERS, guided_velocity, sample, sample_sde, sampler_times, time_grid
@@ -39,7 +39,12 @@ class RLConfig:
     sampler: str = "dpm2"
     steps: int = 10
     shift: float = 3.0
-    guidance: float = 1.0  # 1.0 = CFG off (the recipe's headline setting)
+    guidance: float = 1.0  # the rollout's CFG guidance; 1.0 = CFG off (the recipe's headline setting)
+    # ELBO terms with CFG (§2, as the official code): θ_old's velocity at `guidance` (as it sampled), θ's at
+    # `train_guidance`, the reference's at `reference_guidance`; each ELBO normalised by its own guidance.
+    # Trajectory terms use `guidance` for every policy, as Flow-GRPO does.
+    train_guidance: float = 1.0
+    reference_guidance: float = 1.0
     sde_noise: float = 0.7  # the sde sampler's a in σ_t = a sqrt(t / (1 − t)) (§6)
     # bfloat16: rollouts under autocast (a forward pass 1.45x faster on an AVX-512 BF16 CPU, 26x slower on an AVX2
     # one); auto: bfloat16 where the device computes it natively (elborl/runtime.py), resolved when settings load.
@@ -65,6 +70,9 @@ class RLConfig:
     kl_beta: float = 1e-4
     advantage: str = "recipe"
     advantage_scale: float = 0.1
+    # Flow-GRPO leaves samples whose advantage is exactly 0 (groups whose images all scored the same) out of the
+    # update: they would only add KL terms and shrink the mean loss of the others
+    drop_zero_advantage: bool = False
     grpo_clip: float = 1e-3  # PPO clip range of grpo and flow_grpo
     nft_beta: float = 1.0  # DiffusionNFT's b (§6)
     nft_loss_scale: float = 1.0  # DiffusionNFT's recipe multiplies its loss by 5
@@ -112,6 +120,9 @@ class RLConfig:
             raise ValueError("rl: lr and grad_clip must be > 0, kl_beta >= 0, ema_decay in [0, 1)")
         if not (self.grpo_clip > 0 and self.nft_beta > 0 and self.nft_loss_scale > 0 and self.sde_noise >= 0):
             raise ValueError("rl: grpo_clip, nft_beta and nft_loss_scale must be > 0, sde_noise >= 0")
+        if not all(g >= 1 and np.isfinite(g) for g in (self.guidance, self.train_guidance, self.reference_guidance)):
+            raise ValueError("rl.guidance, rl.train_guidance and rl.reference_guidance must be >= 1 (1 = CFG off), got "
+                             f"{self.guidance}, {self.train_guidance}, {self.reference_guidance}")
         if not (self.old_decay_rate >= 0 and 0 <= self.old_decay_max <= 1):
             raise ValueError("rl: old_decay_rate must be >= 0 and old_decay_max in [0, 1]")
         self._validate_combination()
@@ -133,6 +144,12 @@ class RLConfig:
         if self.update_precision == "bfloat16" and self.estimator != "elbo":
             raise ValueError(f"rl.update_precision: {self.update_precision} updates need rl.estimator: elbo; the "
                              "trajectory estimator's log-probs are compared with ones stored in float32")
+        if self.objective in CLIPPED_OBJECTIVES and self.advantage != "std":
+            raise ValueError(f"rl.objective: {self.objective} clips ratios at 1 ± {self.grpo_clip}, tuned for advantages "
+                             f"normalised by the batch std: set rl.advantage: std (got {self.advantage})")
+        if self.estimator == "trajectory" and (self.train_guidance, self.reference_guidance) != (1.0, 1.0):
+            raise ValueError("rl.train_guidance and rl.reference_guidance apply to ELBO terms; trajectory terms use "
+                             f"rl.guidance for every policy (got {self.train_guidance}, {self.reference_guidance})")
         if self.objective == "nft" and self.estimator != "elbo":
             raise ValueError("rl.objective: nft trains the x0-loss of the final sample, so it needs rl.estimator: elbo "
                              f"(got rl.estimator: {self.estimator})")
@@ -272,18 +289,22 @@ class EpochStats:
         return out
 
 
-def _elbo_term_losses(policy, config, batch, cond, advantages, generator, stats: EpochStats):
+def _elbo_term_losses(policy, config, batch, cond, null_cond, advantages, generator, stats: EpochStats):
     """ELBO terms (§2): the same x_t goes to current, old and reference; the objective is §3's, or nft (§6)."""
     x0, t = batch["x0"], batch["t"]
     x_t, eps = perturb(x0, t, generator)
+
+    def velocity(which, guidance):
+        return _guided_velocity(policy, which, x_t, t, cond, null_cond, guidance).float()
+
     with _autocast(policy, config.update_precision):
         with torch.no_grad():
-            v_ref = policy.velocity(REFERENCE, x_t, t, cond).float() if config.kl_beta else None
-            v_old = policy.velocity(OLD, x_t, t, cond).float()
-        v = policy.velocity(CURRENT, x_t, t, cond).float()
+            v_ref = velocity(REFERENCE, config.reference_guidance) if config.kl_beta else None
+            v_old = velocity(OLD, config.guidance)
+        v = velocity(CURRENT, config.train_guidance)
     kl = kl_to_reference(v, v_ref) if v_ref is not None else None
-    elbo_current = elbo(v, x0, x_t, eps, t, config.weighting)
-    elbo_old = elbo(v_old, x0, x_t, eps, t, config.weighting)
+    elbo_current = elbo(v, x0, x_t, eps, t, config.weighting, config.train_guidance)
+    elbo_old = elbo(v_old, x0, x_t, eps, t, config.weighting, config.guidance)
     if config.objective == "nft":
         optimality = nft_optimality(advantages)
         loss = nft_loss(v, v_old, x0, x_t, eps, t, optimality, config.nft_beta, config.weighting,
@@ -295,10 +316,10 @@ def _elbo_term_losses(policy, config, batch, cond, advantages, generator, stats:
     return loss if kl is None else loss + config.kl_beta * kl
 
 
-def _guided_velocity(policy: Policy, which: str, x, t, cond, null_cond, guidance: float):
-    """A policy's velocity as the sampler saw it (with CFG when the rollout used it)."""
+def _guided_velocity(policy: Policy, which: str, x, t, cond, null_cond, guidance: float, detach_null: bool = False):
+    """A policy's velocity at CFG guidance `guidance` (1 = the conditional velocity alone)."""
     with policy.weights(which):
-        return guided_velocity(policy.backbone, x, t, cond, null_cond, guidance)
+        return guided_velocity(policy.backbone, x, t, cond, null_cond, guidance, detach_null)
 
 
 def _trajectory_term_losses(policy, config, batch, cond, null_cond, advantages, stats: EpochStats):
@@ -310,8 +331,8 @@ def _trajectory_term_losses(policy, config, batch, cond, null_cond, advantages, 
     """
     x, x_next, t, t_next = batch["x"], batch["x_next"], batch["t"], batch["t_next"]
 
-    def velocity(which):
-        return _guided_velocity(policy, which, x, t, cond, null_cond, config.guidance)
+    def velocity(which, detach_null=False):
+        return _guided_velocity(policy, which, x, t, cond, null_cond, config.guidance, detach_null)
 
     with torch.no_grad():
         v_ref = velocity(REFERENCE) if config.kl_beta else None
@@ -319,7 +340,7 @@ def _trajectory_term_losses(policy, config, batch, cond, null_cond, advantages, 
             log_prob_old = batch["stored_log_prob"]
         else:
             log_prob_old = trajectory_log_prob(velocity(OLD), x, x_next, t, t_next, config.sde_noise)
-    v = velocity(CURRENT)
+    v = velocity(CURRENT, detach_null=True)  # as Flow-GRPO trains: no gradient through the unconditional branch
     log_prob = trajectory_log_prob(v, x, x_next, t, t_next, config.sde_noise)
     loss = policy_loss(config.objective, log_prob, log_prob_old, advantages, config.grpo_clip)
     kl = kl_between_steps(v, v_ref, x, t, t_next, config.sde_noise) if v_ref is not None else None
@@ -336,28 +357,39 @@ def update(policy: Policy, optimizer, ro: Rollout, rewards: torch.Tensor, config
     prompts = [m["prompt"] for m in ro.metas]
     with torch.no_grad():
         cond = policy.backbone.encode_prompts(prompts)
-        guided = trajectory and config.guidance != 1.0
+        guidances = (config.guidance,) if trajectory else (config.guidance, config.train_guidance,
+                                                           config.reference_guidance)
+        guided = any(g != 1.0 for g in guidances)
         null_cond = policy.backbone.encode_prompts([""] * len(prompts)) if guided else None
     order = torch.randperm(len(terms["t"]), generator=generator)
+    if config.drop_zero_advantage:
+        order = order[advantages[order // per_sample] != 0]
     stats, grad_norms = EpochStats(config), []
     for step_in_epoch, chunk in enumerate(order.chunk(config.optimizer_steps_per_epoch)):
+        if len(chunk) == 0:  # every sample dropped (drop_zero_advantage): no step, as Flow-GRPO
+            continue
         optimizer.zero_grad(set_to_none=True)
         for ids in chunk.split(config.micro_batch):
             samples = ids // per_sample
             batch = {name: values[ids] for name, values in terms.items()}
+            sample_null = null_cond[samples] if guided else None
             if trajectory:
-                losses = _trajectory_term_losses(policy, config, batch, cond[samples],
-                                                 null_cond[samples] if guided else None, advantages[samples], stats)
+                losses = _trajectory_term_losses(policy, config, batch, cond[samples], sample_null,
+                                                 advantages[samples], stats)
             else:
-                losses = _elbo_term_losses(policy, config, batch, cond[samples], advantages[samples], generator, stats)
+                losses = _elbo_term_losses(policy, config, batch, cond[samples], sample_null, advantages[samples],
+                                           generator, stats)
             (losses.sum() / len(chunk)).backward()
         grad_norms.append(float(torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), config.grad_clip)))
         optimizer.step()
         policy.update_ema(ema_decay(epoch * config.optimizer_steps_per_epoch + step_in_epoch, config.ema_decay))
     steps_taken = (epoch + 1) * config.optimizer_steps_per_epoch
     policy.soft_update_old(min(config.old_decay_rate * steps_taken, config.old_decay_max))
-    return {**stats.summary(), "grad_norm": float(np.mean(grad_norms)),
-            "advantage_abs_mean": float(advantages.abs().mean())}
+    row = {**stats.summary(), "grad_norm": float(np.mean(grad_norms)) if grad_norms else 0.0,
+           "advantage_abs_mean": float(advantages.abs().mean())}
+    if config.drop_zero_advantage:
+        row["terms_trained"] = len(order)
+    return row
 
 
 def ema_decay(optimizer_step: int, max_decay: float) -> float:

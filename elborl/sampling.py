@@ -87,13 +87,19 @@ def initial_noise(seeds, shape) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
-def guided_velocity(model, x, t, cond, null_cond, guidance: float) -> torch.Tensor:
-    """CFG: v_null + g (v_cond − v_null); g = 1 is the plain conditional velocity. t: a scalar or one per row."""
+def guided_velocity(model, x, t, cond, null_cond, guidance: float, detach_null: bool = False) -> torch.Tensor:
+    """CFG: v_null + g (v_cond − v_null); g = 1 is the plain conditional velocity. t: a scalar or one per row.
+
+    detach_null: no gradient through the unconditional branch (Flow-GRPO's training pass, §6), so the update
+    moves the conditional velocity only.
+    """
     if guidance == 1.0:
         return model.velocity(x, t, cond)
     t = torch.as_tensor(t)
     both = model.velocity(torch.cat([x, x]), torch.cat([t, t]) if t.dim() else t, type(cond).cat([cond, null_cond]))
     v_cond, v_null = both.chunk(2)
+    if detach_null:
+        v_null = v_null.detach()
     return v_null + guidance * (v_cond - v_null)
 
 
@@ -104,10 +110,11 @@ def per_row(t, like: Tensor) -> Tensor:
 
 
 def sde_sigma(t: Tensor, t_next: Tensor, noise_level: float) -> Tensor:
-    """σ_t = a sqrt(t / (1 − t)); it is infinite at t = 1, where the next grid point's t stands in (§6)."""
+    """σ_t = a sqrt(t / (1 − t)); infinite at t = 1, where Flow-GRPO puts the next grid point σ₁ in the
+    denominator only: σ = a sqrt(1 / (1 − σ₁)) (§6)."""
     t, t_next = torch.as_tensor(t), torch.as_tensor(t_next)
-    s = torch.where(t >= 1, t_next.to(t), t)
-    return noise_level * (s / (1 - s)).sqrt()
+    denominator_time = torch.where(t >= 1, t_next.to(t), t)
+    return noise_level * (t / (1 - denominator_time)).sqrt()
 
 
 def sde_step(x: Tensor, v: Tensor, t, t_next, noise_level: float) -> tuple[Tensor, Tensor]:
@@ -137,9 +144,10 @@ def sample_sde(model, prompts: list[str], seeds, steps: int = 10, shift: float =
     """Flow-GRPO's SDE sampler (§6): x0, or with `keep_trajectory` (x0, trajectory, log_probs).
 
     trajectory: N x (steps + 1) x C x H x W, the latent at every grid point (trajectory[:, 0] = x_1, [:, -1] = x0);
-    log_probs: N x (steps − 1), log p(trajectory[:, k + 1] | trajectory[:, k]) of each stochastic step (mean over
-    dims). The last step, to t = 0, is the deterministic Euler step (as in Flow-GRPO): its noise std would be
-    ~1e-3 and its log-density a spike, so it carries no log-prob and no loss term.
+    log_probs: N x (steps − 1), log p(trajectory[:, k + 1] | trajectory[:, k]) of the first steps − 1 steps (mean
+    over dims). Every step is stochastic, the last one to t = 0 too, as Flow-GRPO samples; its std is ~2e-3 and
+    its log-density a spike, and Flow-GRPO trains floor(0.99 N) steps (all but the last for N < 100), so it
+    carries no log-prob and no loss term.
     """
     if len(prompts) != len(seeds):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -156,14 +164,11 @@ def sample_sde(model, prompts: list[str], seeds, steps: int = 10, shift: float =
         for k in range(steps):
             t, t_next = grid[k], grid[k + 1]
             v = guided_velocity(model, x, t.to(x), cond, null_cond, guidance)
-            if k == steps - 1:
-                x = sde_step(x, v, t, t_next, 0.0)[0]
-            else:
-                mean, std = sde_step(x, v, t, t_next, noise_level)
-                noise = torch.stack([torch.randn(model.sample_shape, generator=g) for g in generators]).to(x)
-                x = mean + std * noise
-                if keep_trajectory:
-                    chunk_log_probs.append(gaussian_log_prob(x, mean, std))
+            mean, std = sde_step(x, v, t, t_next, noise_level)
+            noise = torch.stack([torch.randn(model.sample_shape, generator=g) for g in generators]).to(x)
+            x = mean + std * noise
+            if keep_trajectory and k < steps - 1:
+                chunk_log_probs.append(gaussian_log_prob(x, mean, std))
             path.append(x)
         finals.append(x)
         if keep_trajectory:

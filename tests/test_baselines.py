@@ -47,13 +47,14 @@ def test_sde_step_matches_hand_computed_values():
     assert torch.allclose(mean0, x - 0.25 * v) and float(std0) == 0
 
 
-def test_sde_sigma_at_t_one_uses_the_next_grid_point():
-    # σ_1 = a sqrt(1/0) is infinite; σ at the next point .8 stands in: .5 sqrt(.8/.2) = 1
-    assert float(sde_sigma(torch.tensor(1.0), torch.tensor(0.8), 0.5)) == pytest.approx(1.0)
-    assert float(sde_sigma(torch.tensor(0.8), torch.tensor(0.6), 0.5)) == pytest.approx(1.0)  # same value, by t
-    # at t = 1 the drift's (1 - t) v vanishes: μ = x + (v + σ²/2 x) dt = 2 + (1 + 1)(-.2) = 1.6, std = sqrt(.2)
+def test_sde_sigma_at_t_one_puts_the_next_grid_point_in_the_denominator():
+    # Flow-GRPO: std_dev_t = a sqrt(σ / (1 − (σ₁ if σ == 1 else σ))): at t = 1 with σ₁ = .8, .5 sqrt(1 / .2)
+    assert float(sde_sigma(torch.tensor(1.0), torch.tensor(0.8), 0.5)) == pytest.approx(0.5 * math.sqrt(5))
+    assert float(sde_sigma(torch.tensor(0.8), torch.tensor(0.6), 0.5)) == pytest.approx(1.0)  # .5 sqrt(.8/.2)
+    # at t = 1 the drift's (1 - t) v vanishes: σ² = 1.25, μ = x + (v + σ²/2 x) dt = 2 + (1 + 1.25)(-.2) = 1.55,
+    # std = σ sqrt(.2) = .5
     mean, std = sde_step(torch.tensor([[2.0]]), torch.tensor([[1.0]]), torch.tensor(1.0), torch.tensor(0.8), 0.5)
-    assert float(mean) == pytest.approx(1.6) and float(std) == pytest.approx(math.sqrt(0.2))
+    assert float(mean) == pytest.approx(1.55) and float(std) == pytest.approx(0.5)
     assert torch.isfinite(mean).all()
 
 
@@ -114,11 +115,20 @@ def test_the_stored_trajectory_and_log_probs_are_those_of_the_sampled_steps(tiny
         v = guided_velocity(tiny_model, x, t, cond[index], null[index], guidance)
     assert torch.allclose(trajectory_log_prob(v, x, x_next, t, t_next, 0.7), stored, atol=1e-5)
     assert not torch.allclose(trajectory_log_prob(v + 0.1, x, x_next, t, t_next, 0.7), stored, atol=1e-3)
-    # the final step to t = 0 is deterministic: the Euler step x0 = x - t v from the last stored latent
-    last_t = time_grid(steps)[-2]
+    # the final step to t = 0 is stochastic too (as Flow-GRPO samples): x0 = μ + a sqrt(t / (1 − t)) sqrt(t) z,
+    # μ = x + [v + σ²/(2t) (x + (1 − t) v)] (−t), z the sample generator's last draw (after x_1 and steps − 1 steps)
+    t_last, a = float(time_grid(steps)[-2]), 0.7
     with torch.no_grad():
-        v_last = guided_velocity(tiny_model, trajectory[:, -2], last_t, cond, null, guidance)
-    assert torch.allclose(x0, trajectory[:, -2] - last_t * v_last, atol=1e-6)
+        x_last = trajectory[:, -2]
+        v_last = guided_velocity(tiny_model, x_last, t_last, cond, null, guidance)
+    sigma2 = a ** 2 * t_last / (1 - t_last)
+    mean = x_last + (v_last + sigma2 / (2 * t_last) * (x_last + (1 - t_last) * v_last)) * (-t_last)
+    last_draws = []
+    for seed in seeds:
+        generator = torch.Generator().manual_seed(seed)
+        last_draws.append([torch.randn(tiny_model.sample_shape, generator=generator) for _ in range(steps + 1)][-1])
+    assert torch.allclose(x0, mean + math.sqrt(sigma2 * t_last) * torch.stack(last_draws), atol=1e-6)
+    assert not torch.allclose(x0, mean, atol=1e-4)
 
 
 def test_trajectory_terms_are_sample_major_stochastic_steps():
@@ -149,16 +159,37 @@ def test_flow_grpo_clips_the_step_ratio_where_ppo_would():
     assert term_stats("flow_grpo", log_prob, stored, clip)["clip_fraction"] == pytest.approx(4 / 6)
 
 
-def test_kl_between_steps_matches_a_hand_computed_value():
-    # μ_θ - μ_ref = Δv (1 + σ²(1 - t)/(2t)) dt = [1, 0] (1 + .49 * .5)(-.25) = [-.31125, 0]; std² = .35²
+def test_kl_between_steps_is_flow_grpos_mean_difference_over_two_sigma_squared():
+    # μ_θ - μ_ref = Δv (1 + σ²(1 - t)/(2t)) dt = [1, 0] (1 + .49 * .5)(-.25) = [-.31125, 0]; σ_t² = .7² (Flow-GRPO
+    # divides by 2 σ_t², not by the step's variance σ_t² |dt| = .35²)
     x, t, t_next = torch.zeros(1, 2), torch.tensor([0.5]), torch.tensor([0.25])
     v = torch.tensor([[1.0, 0.0]], requires_grad=True)
     v_ref = torch.zeros(1, 2, requires_grad=True)
     kl = kl_between_steps(v, v_ref, x, t, t_next, 0.7)
-    assert torch.allclose(kl, torch.tensor([0.31125 ** 2 / (2 * 0.35 ** 2) / 2]))
+    assert torch.allclose(kl, torch.tensor([0.31125 ** 2 / (2 * 0.7 ** 2) / 2]))
     kl.sum().backward()
     assert v_ref.grad is None and v.grad.abs().sum() > 0
     assert float(kl_between_steps(v_ref.detach(), v_ref, x, t, t_next, 0.7)) == 0
+
+
+def test_kl_between_steps_on_random_terms_matches_a_transcription_of_flow_grpo():
+    """Per term: mean_d (μ_θ − μ_ref)² / (2 std_dev_t²), std_dev_t = a sqrt(σ / (1 − (σ₁ if σ = 1 else σ))),
+    μ = x (1 + std_dev_t² dt / (2σ)) + v (1 + std_dev_t² (1 − σ) / (2σ)) dt, written here from the formulas."""
+    generator = torch.Generator().manual_seed(0)
+    grid = time_grid(10).double()
+    t, t_next = grid[:-1], grid[1:]
+    x, v, v_ref = (torch.randn(10, 3, 4, 4, generator=generator, dtype=torch.float64) for _ in range(3))
+    a = 0.7
+    sigma = t.view(-1, 1, 1, 1)
+    sigma_max = grid[1].item()
+    std_dev = a * torch.sqrt(sigma / (1 - torch.where(sigma == 1, torch.full_like(sigma, sigma_max), sigma)))
+    dt = (t_next - t).view(-1, 1, 1, 1)
+
+    def mean_of(velocity):
+        return x * (1 + std_dev ** 2 / (2 * sigma) * dt) + velocity * (1 + std_dev ** 2 * (1 - sigma) / (2 * sigma)) * dt
+
+    expected = ((mean_of(v) - mean_of(v_ref)) ** 2).mean(dim=(1, 2, 3)) / (2 * std_dev.view(-1) ** 2)
+    assert torch.allclose(kl_between_steps(v, v_ref, x, t, t_next, a), expected, rtol=1e-10)
 
 
 def test_nft_optimality_from_advantages():
@@ -253,6 +284,49 @@ def test_flow_grpo_takes_its_old_log_probs_from_the_rollout():
     assert shifted["grpo"]["delta_abs_max"] == 0.0
 
 
+def test_the_training_pass_detaches_the_unconditional_branch(tiny_model):
+    """d/dθ [sg(v_null) + g (v_cond − sg(v_null))] = g dv_cond/dθ: the gradient of g times the conditional velocity."""
+    x = torch.randn(2, *tiny_model.sample_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cond, null = tiny_model.encode_prompts(PROMPTS[:2]), tiny_model.encode_prompts(["", ""])
+    t, g = torch.tensor([0.7, 0.4]), 4.5
+    weights = [p for p in tiny_model.parameters() if p.requires_grad]
+
+    def gradient(output):  # text-encoder weights get none: the prompts were encoded without gradient
+        grads = torch.autograd.grad(output.sum(), weights, allow_unused=True)
+        return torch.cat([g.reshape(-1) for g in grads if g is not None])
+
+    def relative_gap(a, b):  # float rounding differs between a batch of 4 and one of 2
+        return float((a - b).norm() / b.norm())
+
+    conditional_only = gradient(g * tiny_model.velocity(x, t, cond))
+    assert relative_gap(gradient(guided_velocity(tiny_model, x, t, cond, null, g, detach_null=True)),
+                        conditional_only) < 1e-5
+    assert relative_gap(gradient(guided_velocity(tiny_model, x, t, cond, null, g)), conditional_only) > 1e-2
+
+
+def flow_grpo_update(rewards, **settings):
+    policy, config = tiny_policy(), recipe("flow_grpo", optimizer_steps_per_epoch=1, kl_beta=0.0, grad_clip=1e6,
+                                           **settings)
+    ro = rollout(policy, METAS, config, epoch=0)
+    return update(policy, make_optimizer(policy, config), ro, rewards, config, epoch=0), policy
+
+
+def test_flow_grpo_leaves_samples_with_zero_advantage_out_of_the_update():
+    # the first prompt's three images score the same (advantage 0); the second's differ
+    rewards = torch.tensor([0.5, 0.5, 0.5, 0.1, 0.9, 0.4])
+    dropped, _ = flow_grpo_update(rewards)
+    kept_all, _ = flow_grpo_update(rewards, drop_zero_advantage=False)
+    assert dropped["terms_trained"] == 3 * 2  # 3 samples x (3 steps - 1) terms
+    # without a KL the dropped terms add nothing but their count to the mean: the gradient scales by 12 / 6
+    assert dropped["grad_norm"] == pytest.approx(2 * kept_all["grad_norm"], rel=1e-4)
+    # nothing to learn from: no optimizer step at all, the weights stay put
+    before = tiny_policy().state_dict()
+    flat, policy = flow_grpo_update(torch.full((6,), 0.5))
+    assert flat["terms_trained"] == 0 and flat["grad_norm"] == 0.0
+    assert all(torch.equal(before[k], v) for k, v in policy.state_dict().items() if k in before)
+
+
 ELBO_ROW_KEYS = {"epoch", "reward_mean", "reward_std", "delta_mean", "delta_abs_max", "ratio_mean", "ratio_min",
                  "ratio_max", "kl", "grad_norm", "advantage_abs_mean", "seconds_rollout", "seconds_reward",
                  "seconds_update", "train_seconds"}
@@ -328,6 +402,10 @@ def test_a_key_written_in_rl_overrides_the_recipe():
     ({"rl": {"estimator": "trajectory", "sampler": "sde", "steps": 1}}, "rl.steps >= 2"),
     ({"rl": {"estimator": "score"}}, "rl.estimator: unknown estimator 'score'"),
     ({"rl": {"nft_beta": 0.0}}, "nft_beta"),
+    ({"rl": {"objective": "grpo", "advantage": "recipe"}}, "rl.objective: grpo clips ratios at 1 ± 0.001"),
+    ({"rl": {"recipe": "flow_grpo", "advantage": "recipe"}}, "set rl.advantage: std (got recipe)"),
+    ({"rl": {"recipe": "flow_grpo", "train_guidance": 2.0}}, "trajectory terms use rl.guidance for every policy"),
+    ({"rl": {"train_guidance": 0.5}}, "must be >= 1 (1 = CFG off)"),
     ({"recipes": {"mine": {"objective": "flow_grpo"}}}, "recipes.mine: rl.objective: flow_grpo"),
     ({"recipes": {"mine": {"stepz": 3}}}, "recipes.mine: unknown key(s) ['stepz']"),
     ({"recipes": {"mine": {"recipe": "elbo"}}}, "recipes.mine: a recipe cannot name another recipe"),
