@@ -118,16 +118,23 @@ def grid_image(images: np.ndarray, records: list[dict], prompts_per_task: int = 
 
 def before_after(before: Image.Image, after: Image.Image, titles: tuple[str, str]) -> Image.Image:
     """Two grids of the same prompts side by side (the second without its prompt column), titled above."""
-    if before.height != after.height:
-        raise ValueError(f"grids of different prompts: {before.height} and {after.height} px high")
+    return side_by_side([before, after], list(titles))
+
+
+def side_by_side(grids: list[Image.Image], titles: list[str]) -> Image.Image:
+    """Grids of the same prompts side by side, each titled above; only the first keeps its prompt column."""
+    if len({g.height for g in grids}) > 1:
+        raise ValueError(f"grids of different prompts: {[g.height for g in grids]} px high")
     gap, title_height = 16, 24
-    images = after.crop((GRID_TEXT_WIDTH, 0, after.width, after.height))
-    canvas = Image.new("RGB", (before.width + gap + images.width, title_height + before.height), "white")
-    canvas.paste(before, (0, title_height))
-    canvas.paste(images, (before.width + gap, title_height))
+    panels = [grids[0]] + [g.crop((GRID_TEXT_WIDTH, 0, g.width, g.height)) for g in grids[1:]]
+    width = sum(p.width for p in panels) + gap * (len(panels) - 1)
+    canvas = Image.new("RGB", (width, title_height + grids[0].height), "white")
     draw = ImageDraw.Draw(canvas)
-    draw.text((GRID_TEXT_WIDTH + 4, 6), titles[0], fill="black")
-    draw.text((before.width + gap + 4, 6), titles[1], fill="black")
+    x = 0
+    for index, (panel, title) in enumerate(zip(panels, titles)):
+        canvas.paste(panel, (x, title_height))
+        draw.text((x + (GRID_TEXT_WIDTH if index == 0 else 0) + 4, 6), title, fill="black")
+        x += panel.width + gap
     return canvas
 
 

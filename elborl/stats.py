@@ -24,11 +24,11 @@ def wilson_interval(successes: int, n: int) -> tuple[float, float]:
     return (float(centre - half), float(centre + half))
 
 
-def _per_prompt(records: list[dict]) -> dict[str, dict[str, list[bool]]]:
-    """task -> prompt -> verdicts, from records {prompt, tag, correct}."""
-    out: dict[str, dict[str, list[bool]]] = {}
+def _per_prompt(records: list[dict], key: str = "correct") -> dict[str, dict[str, list[float]]]:
+    """task -> prompt -> values of `key` (a verdict counts 1 or 0), from records {prompt, tag, key}."""
+    out: dict[str, dict[str, list[float]]] = {}
     for r in records:
-        out.setdefault(r["tag"], {}).setdefault(r["prompt"], []).append(bool(r["correct"]))
+        out.setdefault(r["tag"], {}).setdefault(r["prompt"], []).append(float(r[key]))
     return out
 
 
@@ -45,26 +45,28 @@ def _overall_samples(groups: list[dict[str, dict[str, list[bool]]]], n_boot: int
     return replicates
 
 
-def bootstrap_overall(records: list[dict], n_boot: int = 4000, seed: int = 0) -> tuple[float, float]:
+def bootstrap_overall(records: list[dict], n_boot: int = 4000, seed: int = 0, key: str = "correct") -> tuple[float, float]:
     """95% interval of the overall score (unweighted mean of tasks), resampling prompts within tasks."""
-    replicates = _overall_samples([_per_prompt(records)], n_boot, seed)[0]
+    replicates = _overall_samples([_per_prompt(records, key)], n_boot, seed)[0]
     return (float(np.quantile(replicates, 0.025)), float(np.quantile(replicates, 0.975)))
 
 
-def paired_difference(after: list[dict], before: list[dict], n_boot: int = 4000, seed: int = 0) -> dict:
-    """Overall(after) - overall(before) on the same prompts, with its 95% paired-bootstrap interval."""
-    groups = [_per_prompt(after), _per_prompt(before)]
+def paired_difference(after: list[dict], before: list[dict], n_boot: int = 4000, seed: int = 0,
+                      key: str = "correct") -> dict:
+    """Overall(after) - overall(before) on the same prompts, with its 95% paired-bootstrap interval (`key`: the
+    per-image value averaged, the strict verdict by default)."""
+    groups = [_per_prompt(after, key), _per_prompt(before, key)]
     if {t: sorted(p) for t, p in groups[0].items()} != {t: sorted(p) for t, p in groups[1].items()}:
         raise ValueError("a paired difference needs both score sets on the same prompts")
     replicates = _overall_samples(groups, n_boot, seed)
     difference = replicates[0] - replicates[1]
-    point = overall(after) - overall(before)
+    point = overall(after, key) - overall(before, key)
     return {"difference": point, "low": float(np.quantile(difference, 0.025)),
             "high": float(np.quantile(difference, 0.975))}
 
 
-def overall(records: list[dict]) -> float:
-    by_task = _per_prompt(records)
+def overall(records: list[dict], key: str = "correct") -> float:
+    by_task = _per_prompt(records, key)
     return float(np.mean([np.mean([v for verdicts in by_task[t].values() for v in verdicts])
                           for t in TASKS if t in by_task]))
 

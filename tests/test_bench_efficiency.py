@@ -6,6 +6,7 @@ import csv
 import json
 
 from PIL import Image
+import numpy as np
 import pytest
 
 from conftest import ROOT, load_bench
@@ -13,7 +14,7 @@ from elborl.benchmark import (DONE_FILE, SETTINGS_FILE, Bench, Budget, Ratio, Ru
                               load_bench_params, mean_curve, run_or_reuse, settings_differences, thresholds,
                               time_ratio, time_to_threshold)
 from elborl.embedded import run_settings
-from elborl.evaluate import GRID_TEXT_WIDTH
+from elborl.evaluate import GRID_TEXT_WIDTH, grid_image
 from elborl.geneval.types import TASKS
 from elborl.plots import read_jsonl_rows
 from elborl.runtime import resolve_precision
@@ -239,3 +240,17 @@ def test_trailing_mean_and_run_plot(tmp_path):
                                                      "tasks": {"counting": 0.1}}) + "\n")
     png = plot_run(tmp_path, tmp_path / "curves.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_sde_noise_benchmark_compares_every_level_with_the_ode_on_the_same_prompts(tmp_path, capsys):
+    sde_noise = load_bench("sde_noise")
+    out = tmp_path / "sde"
+    sde_noise.main(["--params", PARAMS, "--smoke", "--levels", "0.5", "--threads", "1", "--out", str(out)])
+    rows = (out / "table.md").read_text().splitlines()
+    assert [r.split("|")[1].strip() for r in rows[2:]] == ["0", "0.5"]  # the ODE is always measured
+    assert "—" in rows[2] and rows[3].count("(") == 4  # levels other than the ODE carry paired differences
+    first = json.loads((out / "level-0.5-records.json").read_text())
+    one_grid = grid_image(np.load(out / "level-0.5-images.npz")["images"][::2], first[::2], prompts_per_task=2)
+    assert Image.open(out / "levels.png").width == 2 * one_grid.width - GRID_TEXT_WIDTH + 16  # both levels shown
+    sde_noise.main(["--params", PARAMS, "--smoke", "--levels", "0.5", "--threads", "1", "--out", str(out)])
+    assert json.loads((out / "level-0.5-records.json").read_text()) == first  # finished levels are read back

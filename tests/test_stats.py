@@ -53,3 +53,11 @@ def test_task_table_lists_tasks_in_genevals_order_then_overall():
     assert list(table) == [*TASKS, "overall"]
     score, low, high, n = table["counting"]
     assert low <= score <= high and n == 40
+
+
+def test_a_paired_difference_of_a_dense_value_uses_that_value():
+    before = [{"prompt": f"p{i}", "tag": "colors", "correct": False, "reward": 0.2} for i in range(6)]
+    after = [{**r, "reward": 0.5} for r in before]
+    diff = stats.paired_difference(after, before, key="reward")
+    assert diff["difference"] == pytest.approx(0.3) and diff["low"] == pytest.approx(0.3)
+    assert stats.paired_difference(after, before)["difference"] == 0.0  # the verdicts did not change
