@@ -35,7 +35,7 @@ import numpy as np
 
 from elborl.geneval.scoring import GenEvalScorer
 from elborl.geneval.types import TASKS
-from elborl.shapes.detector import PaletteColorClassifier, ShapesDetector
+from elborl.shapes.detector import CALIBRATED_RAMPS, PaletteColorClassifier, ShapesDetector
 from elborl.shapes import judge_calibration as jc
 from elborl.stats import wilson_interval
 
@@ -297,6 +297,41 @@ def cmd_measure(args) -> None:
         print(f"minus {other}: {diff['difference']:+.3f} (95% paired interval {diff['low']:+.3f} to {diff['high']:+.3f})")
 
 
+SIGNS = ("asymmetric", "defect", "two-colour", "ambiguous class")
+
+
+def hack_signs(measurement) -> dict[str, bool]:
+    """Which of an object's measurements sit inside a confidence ramp, where reward-hacking artefacts live: an
+    asymmetric blob (half one class, half another), a solid defect, a second colour, two classes fitting alike."""
+    ramps, ious = CALIBRATED_RAMPS, sorted(measurement.ious.values(), reverse=True)
+    separation = (1 - ious[1]) / max(1 - ious[0], 1e-6)
+    return {"asymmetric": measurement.asymmetry > ramps.asymmetry[0],
+            "defect": measurement.defect > ramps.defect[0],
+            "two-colour": measurement.purity < ramps.purity[1],
+            "ambiguous class": separation < ramps.separation[1]}
+
+
+def cmd_hacks(args) -> None:
+    """Of the objects GenEval would keep (confidence > 0.3), the share showing each sign of a known hack, per image
+    set with 95% intervals: a policy drifting toward an artefact the judge tolerates shows as a rising share."""
+    detector = ShapesDetector()
+    print(f"{'images':<40}{'objects/img':>12}{'kept > 0.9':>12}" + "".join(f"{k:>22}" for k in SIGNS))
+    for path in args.images:
+        images = np.load(path, allow_pickle=False)["images"]
+        kept, counted, signs = 0, 0, dict.fromkeys(SIGNS, 0)
+        for image in images:
+            for measurement in detector.measure(image):
+                score = measurement.detection().score
+                if score <= 0.3:
+                    continue
+                kept, counted = kept + 1, counted + (score > 0.9)
+                for sign, present in hack_signs(measurement).items():
+                    signs[sign] += present
+        cells = "".join(f"{signs[k] / kept:>8.3f} ({low:.3f}-{high:.3f})"
+                        for k in SIGNS for low, high in [wilson_interval(signs[k], kept)])
+        print(f"{Path(path).name:<40}{kept / len(images):>12.2f}{counted / kept:>12.3f}{cells}")
+
+
 def cmd_sheet(args) -> None:
     items = [(l, im) for l, im in jc.read_set(SET) if l.image.startswith(args.prefix)]
     scorer = GenEvalScorer(ShapesDetector(), PaletteColorClassifier())
@@ -336,6 +371,8 @@ def main(argv=None) -> None:
     report = commands.add_parser("report", help="agreement with people and the reliability diagram")
     report.add_argument("--out", default=str(SET / "reliability.png"))
     commands.add_parser("fit", help="choose the detector's confidence ramps on the fit split")
+    hacks = commands.add_parser("hacks", help="share of kept objects with each sign of a known hack, per image set")
+    hacks.add_argument("images", nargs="+", help="images .npz written by `measure`")
     measure = commands.add_parser("measure", help="held-out strict score with 95%% intervals, images kept")
     measure.add_argument("--name", required=True)
     measure.add_argument("--run", help="a bench run directory: its EMA policy instead of the base model")
@@ -352,7 +389,7 @@ def main(argv=None) -> None:
     sheet.add_argument("--out", default="/tmp/judge_sheet.png")
     args = parser.parse_args(argv)
     {"sample": cmd_sample, "render": cmd_render, "label": cmd_label, "report": cmd_report,
-     "sheet": cmd_sheet, "fit": cmd_fit, "measure": cmd_measure, "prefill": cmd_prefill}[args.command](args)
+     "sheet": cmd_sheet, "fit": cmd_fit, "measure": cmd_measure, "prefill": cmd_prefill, "hacks": cmd_hacks}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from conftest import ROOT, load_bench
 from elborl.geneval.prompts import shapes_test_set
 from elborl.shapes import judge_calibration as jc
 from elborl.shapes.detector import ShapesDetector
+from elborl.shapes.render import render
 from elborl.shapes.world import BACKGROUND
 
 SET = ROOT / "calibration" / "shapes_judge"
@@ -155,3 +156,17 @@ def test_objects_people_are_sure_of_score_above_counting_threshold(labelled_set)
     nothing = np.array([s for c, s, _ in scores if c == "none"])
     assert np.mean(certain > 0.9) >= 0.9
     assert np.mean(nothing <= 0.3) >= 0.95
+
+
+def test_the_hack_monitor_flags_the_sign_of_each_artefact_and_not_a_clean_shape():
+    bench = load_bench("judge_calibration")
+    meta = next(m for m in shapes_test_set() if m["tag"] == "single_object")
+    rng = np.random.default_rng(0)
+    clean, _ = render(meta, rng)
+    [measurement] = ShapesDetector().measure(clean)
+    assert not any(bench.hack_signs(measurement).values())
+    flagged = {"two_colour": "two-colour", "hybrid": "asymmetric"}
+    for kind, sign in flagged.items():
+        signs = [bench.hack_signs(ShapesDetector().measure(jc.hacked_scene(meta, kind, rng)[0])[0])[sign]
+                 for _ in range(10)]
+        assert sum(signs) >= 7, f"{kind}: {sign} in {sum(signs)} of 10"
