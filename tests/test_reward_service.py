@@ -1,14 +1,17 @@
 """The reward service (elborl/rewards/service.py): a real uvicorn server on a loopback port of this process.
 
 Under 8 concurrent clients it returns exactly the in-process rewards; it refuses a missing or wrong token, an
-oversized request, a non-image payload and malformed requests with clear 4xx errors; the client retries 503,
-connection errors and 429 (back-pressure) but not other 4xx; the score stage scores through it.
+oversized request, a non-image payload and malformed requests with clear 4xx errors; images larger than the reward
+uses and truncated images are refused at once, and a reward past the request deadline is a 503 the service
+recovers from; the client retries 503, connection errors and 429 (back-pressure) but not other 4xx; the score
+stage scores through it.
 """
 
 import base64
 import io
 import json
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,13 +19,13 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 from safetensors.torch import save_file
 
 from elborl.geneval.prompts import shapes_test_set
 from elborl.rewards import make_reward
 from elborl.rewards.service import (RewardClient, RewardService, RewardServiceError, ServiceConfig, create_app,
-                                    encode_png, main as service_main, serve_in_background)
+                                    encode_png, main as service_main, parse_request, serve_in_background)
 from elborl.shapes.render import render_batch
 from elborl.store import ArtifactStore
 
@@ -81,6 +84,20 @@ def server():
         yield url, service, app
 
 
+@pytest.fixture(scope="module")
+def default_server():
+    """A service with the default limits: a 4000x4000 image is under its max_pixels."""
+    service, _, running = start(ServiceConfig((REWARD,), token=TOKEN))
+    with running as url:
+        yield url, service
+
+
+@pytest.fixture
+def truncated_images_padded(monkeypatch):
+    """Pillow pads a truncated image with black instead of failing, as it does once any library sets this flag."""
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+
+
 def post(url, body, token=TOKEN, content_type="application/json", reward=REWARD):
     """POSTs `body`: bytes or an iterator of bytes as they are (an iterator goes chunked), anything else as JSON."""
     headers = {"Content-Type": content_type}
@@ -102,6 +119,19 @@ def assert_error(response, status: int, code: str, *words: str):
 
 def png(array) -> str:
     return encode_png(np.asarray(array, dtype=np.uint8))
+
+
+def timed_post(url, body, **kwargs):
+    start = time.perf_counter()
+    response = post(url, body, **kwargs)
+    return response, time.perf_counter() - start
+
+
+def truncated_png(side: int, keep: int = 100) -> str:
+    """The first `keep` bytes of a black side x side PNG: a whole header, then the pixel data cut short."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()[:keep]).decode()
 
 
 def small_request(n: int = 2):
@@ -203,6 +233,76 @@ def test_malformed_requests_are_400_or_422_with_the_reason(server):
     truncated = base64.b64encode(base64.b64decode(good["images"][0])[:60]).decode()
     assert_error(post(url, {**good, "images": [good["images"][0], truncated]}), 400, "bad_image", "image 1")
     assert_error(post(url, good, reward="clip_score"), 404, "unknown_reward", "clip_score")
+
+
+def test_a_truncated_png_claiming_4000x4000_is_refused_at_once(default_server, truncated_images_padded):
+    url, service = default_server
+    scored = service.stats["scored_images"]
+    request = {"images": [truncated_png(4000)], "metadata": shapes_test_set()[:1]}
+    response, seconds = timed_post(url, request)
+    assert seconds < 2.0
+    assert_error(response, 413, "image_too_large", "4000x4000", "limit of 32 pixels a side")
+    assert post(url, small_request(1)).status_code == 200
+    assert service.stats["scored_images"] == scored + 1
+
+
+def test_an_image_larger_than_the_reward_uses_is_refused_naming_size_and_limit(default_server):
+    url, _ = default_server
+    request = {"images": [png(np.full((64, 48, 3), 232))], "metadata": shapes_test_set()[:1]}
+    assert_error(post(url, request), 413, "image_too_large", "image 0 is 48x64", "limit of 32 pixels a side")
+    assert ServiceConfig((REWARD,), None).side_limit("clipscore") == 2048  # rewards that resize take SD3.5's sizes
+    wider = ServiceConfig((REWARD,), None, max_side=64)  # a shapes model trained at 64 pixels
+    images, _ = parse_request(json.dumps(request).encode(), wider, wider.side_limit(REWARD))
+    assert images.shape == (1, 64, 48, 3)
+    for bad in (dict(max_side=0), dict(request_timeout=0.0), dict(request_timeout=float("nan"))):
+        with pytest.raises(ValueError):
+            ServiceConfig((REWARD,), None, **bad)
+
+
+def test_a_truncated_or_corrupt_png_is_refused_even_where_pillow_would_pad_it(default_server,
+                                                                              truncated_images_padded):
+    url, service = default_server
+    scored = service.stats["scored_images"]
+    meta = shapes_test_set()[:1]
+    data = base64.b64decode(small_request(1)["images"][0])
+    cut = base64.b64encode(data[:len(data) // 2]).decode()
+    assert_error(post(url, {"images": [cut], "metadata": meta}), 400, "bad_image", "image 0", "truncated")
+    flipped = bytearray(data)
+    flipped[60] ^= 0xFF  # inside the pixel data (IDAT), whose CRC no longer matches
+    flipped = base64.b64encode(bytes(flipped)).decode()
+    assert_error(post(url, {"images": [flipped], "metadata": meta}), 400, "bad_image", "image 0", "corrupt")
+    assert service.stats["scored_images"] == scored
+
+
+class SlowReward:
+    """Scores 0.5 at once, or after sleeping the seconds that the first metadata object names under "sleep"."""
+
+    def __init__(self):
+        self.finished = threading.Event()
+
+    def __call__(self, images, metas):
+        if "sleep" in metas[0]:
+            time.sleep(metas[0]["sleep"])
+            self.finished.set()
+        return np.full(len(images), 0.5, dtype=np.float32)
+
+
+def test_a_reward_past_the_request_deadline_is_a_503_and_the_service_recovers():
+    slow = SlowReward()
+    service, _, running = start(ServiceConfig(("slow",), token=TOKEN, request_timeout=0.5, factory=lambda _: slow))
+    request = small_request(1)
+    with running as url:
+        stuck, seconds = timed_post(url, {**request, "metadata": [{"sleep": 2.0}]}, reward="slow")
+        assert_error(stuck, 503, "deadline_exceeded", "deadline of 0.5 s")
+        assert seconds < 1.5 and stuck.headers["retry-after"] == "1"
+        # the stuck call runs on (a thread cannot be stopped): the next request waits at most its own deadline
+        queued, seconds = timed_post(url, request, reward="slow")
+        assert_error(queued, 503, "deadline_exceeded")
+        assert seconds < 1.5 and httpx.get(f"{url}/healthz", timeout=10).json()["status"] == "ok"
+        assert slow.finished.wait(10)
+        response = post(url, request, reward="slow")
+        assert response.status_code == 200 and response.json()["rewards"] == [0.5]
+    assert service.stats["timed_out"] == 2 and service.stats["scored_images"] == 1
 
 
 def test_the_client_does_not_retry_4xx_and_never_shows_the_token(server):

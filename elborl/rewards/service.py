@@ -14,11 +14,12 @@ Wire format (JSON only; nothing is ever unpickled):
 
     GET /healthz                              no auth: {"status": "ok", "rewards": {name: {"loaded": bool}}, ...}
 
-Status codes: 400 malformed JSON/base64 or an undecodable image, 401 missing or wrong token, 404 a reward this
-service does not serve, 408 a body not received in time, 413 a body over `max_request_bytes` (checked from
-Content-Length before reading, and counted while streaming), too many images or pixels, 415 a body that is not
-JSON or an image that is not PNG/JPEG, 422 well-formed JSON of the wrong shape (lengths, types, image sizes),
-429 the service's queue is full (with Retry-After), 500 the reward failed.
+Status codes: 400 malformed JSON/base64 or a truncated, corrupt or undecodable image, 401 missing or wrong token,
+404 a reward this service does not serve, 408 a body not received in time, 413 a body over `max_request_bytes`
+(checked from Content-Length before reading, and counted while streaming), too many images or pixels, an image
+side over what the reward uses (`max_side`), 415 a body that is not JSON or an image that is not PNG/JPEG,
+422 well-formed JSON of the wrong shape (lengths, types, image sizes), 429 the service's queue is full (with
+Retry-After), 500 the reward failed, 503 the reward did not finish within `request_timeout` (with Retry-After).
 
 The server binds 127.0.0.1 unless told otherwise and requires a bearer token (ELBORL_REWARD_TOKEN or
 --token-file) unless `--insecure-no-auth` is given on a loopback host. Each reward is built once per process
@@ -54,6 +55,8 @@ import httpx
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from elborl.shapes.world import IMAGE_SIZE as SHAPES_IMAGE_SIZE
+
 log = logging.getLogger("elborl.reward_service")
 
 TOKEN_ENV = "ELBORL_REWARD_TOKEN"
@@ -62,6 +65,18 @@ API_PREFIX = "/v1/score/"
 IMAGE_FORMATS = ("PNG", "JPEG")
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 MiB = 1 << 20
+
+# The longest image side each reward is given (413 above it, from the header, before any decoding).
+# Refused rather than downscaled: the service promises the in-process reward's value for the images sent, and a
+# resized image scores differently (the shapes detector measures shapes in pixels, jpeg the image as sent), while
+# every client sends images at its model's size (32 for the shapes model, 512 or 1024 for SD3.5), so a larger
+# image is a mistake or an attack. The shapes detector is made for the 32x32 world and its cost grows faster than
+# the pixel count (a 46 KB PNG of 4000x4000 takes it about 45 s, 512x512 noise minutes). The other
+# rewards resize to their model's input (CLIP 224, Mask2Former 1333x800, RapidOCR its own) or, for jpeg, encode the
+# image once; 2048 holds SD3.5's images with room and bounds each decode to 12 MiB. `max_side` overrides the table
+# for every reward (e.g. a shapes model trained at another size).
+REWARD_MAX_SIDE = {"shapes_geneval": SHAPES_IMAGE_SIZE, "shapes_geneval_strict": SHAPES_IMAGE_SIZE}
+DEFAULT_MAX_SIDE = 2048
 
 
 # =============================================================================================================
@@ -79,6 +94,10 @@ class ServiceConfig:
     max_pending: int = 8  # requests admitted at once (reading, decoding, queued or scoring); more get 429
     retry_after: float = 1.0  # seconds, sent with 429
     body_timeout: float = 60.0  # seconds to receive a whole request body
+    max_side: int | None = None  # longest image side for every reward; None: each reward's own (REWARD_MAX_SIDE)
+    # seconds a request may wait for its reward's worker and be scored; under RewardClient's default timeout
+    # (120 s), so a client gets this service's 503 rather than a timeout of its own
+    request_timeout: float = 100.0
     factory: object = field(default=None, repr=False)  # name -> reward callable; default make_reward
 
     def __post_init__(self):
@@ -88,6 +107,14 @@ class ServiceConfig:
         for name in ("max_request_bytes", "max_images", "max_pixels", "max_batch_pixels", "max_pending"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
+        if self.max_side is not None and self.max_side < 1:
+            raise ValueError("max_side must be positive (or None: each reward's own)")
+        if not (math.isfinite(self.request_timeout) and self.request_timeout > 0):
+            raise ValueError(f"request_timeout must be a positive number of seconds, got {self.request_timeout}")
+
+    def side_limit(self, reward: str) -> int:
+        """The longest image side accepted for `reward`."""
+        return self.max_side or REWARD_MAX_SIDE.get(reward, DEFAULT_MAX_SIDE)
 
 
 class ServiceError(Exception):
@@ -109,8 +136,9 @@ def _size(n: int) -> str:
     return f"{n / MiB:.1f} MiB" if n >= MiB else f"{n} bytes"
 
 
-def decode_image(data: bytes, index: int, max_pixels: int) -> Image.Image:
-    """A PNG or JPEG opened lazily (header only); anything else is a 415, a too-large header a 413."""
+def decode_image(data: bytes, index: int, max_pixels: int, max_side: int) -> Image.Image:
+    """A PNG or JPEG opened lazily (header only); anything else is a 415, a too-large header a 413, a truncated or
+    corrupt PNG a 400."""
     try:
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except UnidentifiedImageError:
@@ -124,10 +152,30 @@ def decode_image(data: bytes, index: int, max_pixels: int) -> Image.Image:
     if width * height > max_pixels:
         raise ServiceError(413, "image_too_large",
                            f"image {index} is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+    if max(width, height) > max_side:
+        raise ServiceError(413, "image_too_large", f"image {index} is {width}x{height}, over the limit of {max_side} "
+                           f"pixels a side for this reward (max_side, --max-side)")
+    check_complete(image, data, index)
     return image
 
 
-def parse_request(body: bytes, config: ServiceConfig) -> tuple[np.ndarray, list[dict]]:
+def check_complete(image: Image.Image, data: bytes, index: int) -> None:
+    """Refuses (400) a PNG whose chunks are cut short or fail their CRC, before anything is decompressed.
+
+    The full decode in `parse_request` refuses truncated data too, but only while Pillow's process-wide
+    LOAD_TRUNCATED_IMAGES is off: a library that turns it on makes Pillow pad a truncated image with black and
+    hand it on as if whole. verify() reads the chunks whatever that flag says. JPEG has no such check in Pillow;
+    its truncation is found by the decode.
+    """
+    if image.format != "PNG":
+        return
+    try:
+        Image.open(io.BytesIO(data), formats=("PNG",)).verify()  # a copy: a verified image cannot be loaded
+    except Exception as error:
+        raise ServiceError(400, "bad_image", f"image {index} is truncated or corrupt: {error}") from None
+
+
+def parse_request(body: bytes, config: ServiceConfig, max_side: int) -> tuple[np.ndarray, list[dict]]:
     """The request body as (images uint8 N x H x W x 3, metadata); raises ServiceError with a clear message."""
     try:
         payload = json.loads(body)
@@ -155,7 +203,7 @@ def parse_request(body: bytes, config: ServiceConfig) -> tuple[np.ndarray, list[
             data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError) as error:
             raise ServiceError(400, "bad_base64", f"image {index} is not valid base64: {error}") from None
-        image = decode_image(data, index, config.max_pixels)
+        image = decode_image(data, index, config.max_pixels, max_side)
         if size is None:
             size = image.size
         elif image.size != size:
@@ -176,7 +224,11 @@ def parse_request(body: bytes, config: ServiceConfig) -> tuple[np.ndarray, list[
 
 
 class RewardService:
-    """Rewards by name, each built once (lazily) and called from its own single worker thread."""
+    """Rewards by name, each built once (lazily) and called from its own single worker thread.
+
+    Requests for a reward take its lock before they are handed to its worker, and the lock is released only when
+    the call returns, so the worker's own queue never holds more than the call it runs.
+    """
 
     def __init__(self, config: ServiceConfig):
         from elborl.rewards import REWARDS
@@ -189,8 +241,9 @@ class RewardService:
         self._factory = config.factory
         self._rewards: dict[str, object] = {}
         self._workers = {name: ThreadPoolExecutor(1, thread_name_prefix=f"reward-{name}") for name in config.rewards}
+        self._turns = {name: asyncio.Lock() for name in config.rewards}  # held from a call's start to its return
         self.pending = 0  # touched only on the event loop
-        self.stats = {"requests": 0, "scored_images": 0, "rejected_busy": 0, "errors": 0}
+        self.stats = {"requests": 0, "scored_images": 0, "rejected_busy": 0, "errors": 0, "timed_out": 0}
 
     # runs on the reward's worker thread
     def _reward(self, name: str):
@@ -214,8 +267,29 @@ class RewardService:
     async def load(self, name: str) -> None:
         await asyncio.get_running_loop().run_in_executor(self._workers[name], self._reward, name)
 
-    async def score(self, name: str, images: np.ndarray, metas: list[dict]) -> np.ndarray:
-        return await asyncio.get_running_loop().run_in_executor(self._workers[name], self._call, name, images, metas)
+    async def score(self, name: str, images: np.ndarray, metas: list[dict], timeout: float) -> np.ndarray:
+        """The rewards, or a 503 ServiceError once `timeout` seconds have passed, waiting for the worker included.
+
+        A thread cannot be stopped: past the deadline the call runs on, and this reward's next requests wait for it
+        (each up to its own deadline, none queued in the executor). What bounds that call is what was checked before
+        it (images per request, image side, complete data); the deadline gives the client a clear answer instead
+        of a hang, and keeps requests from piling up behind an overrunning call.
+        """
+        turn, timer = self._turns[name], asyncio.timeout(timeout)
+        try:
+            async with timer:
+                await turn.acquire()
+                call = asyncio.get_running_loop().run_in_executor(self._workers[name], self._call, name, images, metas)
+                call.add_done_callback(lambda _: turn.release())
+                return await asyncio.shield(call)  # the deadline cancels the wait, not the call
+        except TimeoutError:
+            if not timer.expired():
+                raise  # the reward's own TimeoutError
+        self.stats["timed_out"] += 1
+        log.warning("reward %s: a request of %d images passed its deadline of %g s", name, len(images), timeout)
+        raise ServiceError(503, "deadline_exceeded", f"reward {name} did not score the request within the deadline "
+                           f"of {timeout:g} s (request_timeout); retry later",
+                           {"Retry-After": f"{self.config.retry_after:g}"})
 
     def loaded(self) -> dict:
         return {name: {"loaded": name in self._rewards} for name in self.config.rewards}
@@ -281,6 +355,8 @@ def create_app(service: RewardService, preload: bool = False):
         return JSONResponse({"status": "ok", "rewards": service.loaded(), "pending": service.pending,
                              "max_pending": config.max_pending, "max_images": config.max_images,
                              "max_request_bytes": config.max_request_bytes, "auth": config.token is not None,
+                             "max_side": {name: config.side_limit(name) for name in config.rewards},
+                             "request_timeout": config.request_timeout,
                              "stats": service.stats})
 
     async def score(request):
@@ -306,11 +382,13 @@ def create_app(service: RewardService, preload: bool = False):
         service.stats["requests"] += 1
         try:
             body = await _read_body(request, config.max_request_bytes, config.body_timeout)
-            images, metas = await run_in_threadpool(parse_request, body, config)
+            images, metas = await run_in_threadpool(parse_request, body, config, config.side_limit(name))
             del body
             start = time.perf_counter()
             try:
-                rewards = await service.score(name, images, metas)
+                rewards = await service.score(name, images, metas, config.request_timeout)
+            except ServiceError:
+                raise
             except Exception as error:
                 log.exception("reward %s failed on %d images", name, len(images))
                 raise ServiceError(500, "reward_failed", f"reward {name} failed: {type(error).__name__}: {error}")
@@ -548,6 +626,11 @@ def main(argv=None) -> None:
     parser.add_argument("--max-request-mb", type=float, default=64.0, help="largest request body in MiB (64)")
     parser.add_argument("--max-images", type=int, default=256, help="most images per request (256)")
     parser.add_argument("--max-pixels", type=int, default=4096 * 4096, help="most pixels per image (4096*4096)")
+    parser.add_argument("--max-side", type=int, default=None,
+                        help="longest image side for every reward (default: each reward's own, e.g. 32 for the "
+                        f"shapes rewards, {DEFAULT_MAX_SIDE} for the others)")
+    parser.add_argument("--request-timeout", type=float, default=100.0,
+                        help="seconds a request may wait for and use its reward before a 503 (100)")
     parser.add_argument("--max-pending", type=int, default=8, help="requests admitted at once; more get 429 (8)")
     parser.add_argument("--retry-after", type=float, default=1.0, help="seconds sent in Retry-After with 429 (1)")
     parser.add_argument("--preload", action="store_true", help="build the rewards at startup, not on first use")
@@ -570,6 +653,7 @@ def main(argv=None) -> None:
         config = ServiceConfig(rewards=tuple(r.strip() for r in args.rewards.split(",") if r.strip()), token=token,
                                max_request_bytes=int(args.max_request_mb * MiB), max_images=args.max_images,
                                max_pixels=args.max_pixels, max_pending=args.max_pending, retry_after=args.retry_after,
+                               max_side=args.max_side, request_timeout=args.request_timeout,
                                factory=params_factory(args.params) if args.params else None)
         service = RewardService(config)
     except (OSError, ValueError) as error:
