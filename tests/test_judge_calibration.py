@@ -141,13 +141,14 @@ def test_the_set_holds_model_samples_and_renders_in_both_splits(labelled_set):
 
 
 def test_the_calibrated_judge_agrees_with_people_on_held_out_model_samples(labelled_set):
-    """The target: agreement >= 95% and no task's correct rate more than 0.10 from people's. Measured: 0.954 and
-    0.125, on two objects (3 of 24 images, all an object people call ambiguous that the judge drops), so the
-    per-task bar held here is 0.15 (docs/experiments/2026-12-07-shapes-judge-calibration.md)."""
+    """The target: agreement >= 95% and no task's correct rate more than 0.10 from people's, on base-model and RL
+    samples never used to fit it. Measured: 0.956 (216 of 226) and 0.075 (two objects)
+    (docs/experiments/2026-12-07-shapes-judge-calibration.md)."""
     held_out = [(l, im) for l, im in labelled_set if l.split == "held_out" and not l.source.startswith("render")]
+    assert any(l.image.startswith("rl15-test/") for l, _ in held_out), "RL-policy samples are part of the check"
     result = jc.agreement(held_out)
     assert result.agree >= 0.95, result.per_task
-    assert result.worst_gap() <= 0.15, result.per_task
+    assert result.worst_gap() <= 0.10, result.per_task
 
 
 def test_objects_people_are_sure_of_score_above_counting_threshold(labelled_set):
