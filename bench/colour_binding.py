@@ -26,6 +26,7 @@ from elborl.evaluate import EvalConfig
 from elborl.geneval.prompts import with_article
 from elborl.models import load_backbone
 from elborl.pretrain import ensure_base_model
+from elborl.runtime import place
 from elborl.sampling import sample
 from elborl.shapes.detector import PaletteColorClassifier, ShapesDetector
 from elborl.shapes.world import COLORS, SHAPES
@@ -81,6 +82,7 @@ def main() -> None:
         model, where = load_backbone(args.model), args.model
     else:
         model, where = ensure_base_model(params.base_model, params.pretrain, Path(params.artifacts) / "base_model")
+    model = place(model, params.runtime)
     model.requires_grad_(False)
     report = {"model": str(where), "chance": 1 / len(COLORS), "guidance": {}}
     print(f"model {where}; chance {1 / len(COLORS):.3f}")

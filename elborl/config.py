@@ -18,7 +18,7 @@ from elborl.geneval.types import TASKS
 from elborl.pretrain import LR_SCHEDULES, TIME_SAMPLINGS, PretrainConfig
 from elborl.rewards import RewardsConfig
 from elborl.rl import RLConfig
-from elborl.runtime import model_device_type
+from elborl.runtime import RuntimeConfig, device_present, resolve_device
 from elborl.sampling import ODE_SAMPLERS
 
 
@@ -38,6 +38,7 @@ class Params:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     rl: RLConfig = field(default_factory=RLConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     recipes: dict = field(default_factory=dict)  # name -> rl settings (already applied to `rl` by `rl.recipe`)
     eval_every: int = 10  # RL epochs between held-out evaluations of the EMA policy (0 = only at the end)
     artifacts: str = "artifacts"
@@ -110,6 +111,7 @@ def _check(params: Params) -> None:
         raise ParamsError(f"evaluate.sampler: unknown sampler {params.evaluate.sampler!r}; expected one of {ODE_SAMPLERS}")
     try:
         params.rl.validate()
+        params.runtime.validate()
     except ValueError as error:
         raise ParamsError(str(error)) from None
     try:
@@ -167,8 +169,10 @@ def parse_params(raw: dict | None, source: str = "params") -> Params:
         params = _build(Params, raw, "")
         params.recipes = recipes
         _check(params)
-        # `auto` precisions become what this machine computes natively, so a run's recorded settings say what ran
-        params.rl = params.rl.with_precisions_for(model_device_type())
+        # `auto` precisions become what the run's device computes natively, so a run's recorded settings say what
+        # ran; settings naming a GPU this machine lacks (read here, run elsewhere) keep `auto` until they run
+        if device_present(params.runtime.device):
+            params.rl = params.rl.with_precisions_for(resolve_device(params.runtime.device).type)
     except ParamsError as error:
         raise ParamsError(f"{source}: {error}") from None
     return params

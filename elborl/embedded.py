@@ -23,7 +23,7 @@ from elborl.policy import Policy
 from elborl.pretrain import ensure_base_model
 from elborl.rewards import reward_from_params
 from elborl.rl import train
-from elborl.runtime import precision_choice
+from elborl.runtime import place, precision_choice, resolve_device
 
 
 def prepare_prompts(params, out_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -40,7 +40,7 @@ def run_settings(base_path: Path, params) -> dict:
     """Everything that defines an RL run from a base model (as plain JSON values): runs agree iff these do."""
     settings = {"base": base_path.name, "prompts": asdict(params.prompts), "policy": asdict(params.policy),
                 "rl": asdict(params.rl), "rewards": asdict(params.rewards), "evaluate": asdict(params.evaluate),
-                "eval_every": params.eval_every}
+                "eval_every": params.eval_every, "device": resolve_device(params.runtime.device).type}
     return json.loads(json.dumps(settings))
 
 
@@ -87,6 +87,7 @@ def main(argv=None) -> None:
     test, train_set = prepare_prompts(params, root / "prompts")
     print(f"prompts: {len(test)} test, {len(train_set)} train -> {root / 'prompts'}")
     model, base_path = ensure_base_model(params.base_model, params.pretrain, root / "base_model")
+    model = place(model, params.runtime)
 
     start = time.time()
     base_summary, records, images = evaluate(model, test, params.evaluate)

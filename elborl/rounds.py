@@ -32,7 +32,7 @@ from elborl.geneval.prompts import read_jsonl
 from elborl.models import load_backbone
 from elborl.policy import Policy
 from elborl.rl import Rollout, choose_prompts, make_optimizer, reward_summary, rollout, score_means, update
-from elborl.runtime import model_device_type, precision_choice
+from elborl.runtime import place, precision_choice, resolve_device
 from elborl.store import ArtifactStore
 
 STAGES = ("rollout", "score", "update")
@@ -90,7 +90,8 @@ class RunContext:
         if self._policy is None:
             if self.base_model is None:
                 raise ValueError("this stage needs the base model (--base-model)")
-            self._policy = Policy(load_backbone(self.local(self.base_model)), self.params.policy)
+            backbone = place(load_backbone(self.local(self.base_model)), self.params.runtime)
+            self._policy = Policy(backbone, self.params.policy)
             self._initial_state = self._policy.state_dict()
         optimizer = make_optimizer(self._policy, self.params.rl)
         if round_index >= 0:
@@ -98,6 +99,10 @@ class RunContext:
         else:
             self._policy.load_state_dict(self._initial_state)
         return self._policy, optimizer
+
+    def device_type(self) -> str:
+        """Where this run's model runs ("cpu", "cuda")."""
+        return resolve_device(self.params.runtime.device).type
 
     def completed_rounds(self) -> int:
         """The number of rounds with a published update: where the run resumes."""
@@ -207,7 +212,7 @@ def run_rounds(ctx: RunContext, reward_fn, rounds: int | None = None, progress: 
     total = rounds if rounds is not None else ctx.params.rl.epochs
     start = ctx.completed_rounds()
     rl = ctx.params.rl
-    ctx.log(precision_choice(rl.rollout_precision, rl.update_precision, model_device_type()))
+    ctx.log(precision_choice(rl.rollout_precision, rl.update_precision, ctx.device_type()))
     if start:
         ctx.log(f"{ctx.run}: {start} round(s) already published, resuming at round {start}")
     for r in tqdm(range(start, total), initial=start, total=total, desc="rounds", disable=not progress):

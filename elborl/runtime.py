@@ -5,9 +5,68 @@ AVX-512 BF16 or AMX. Elsewhere PyTorch emulates it, and a forward pass of the sh
 instead of 1.26 s in float32 on a 2-core AVX2 CPU (batch 32). So `auto` picks bfloat16 only where it is native.
 """
 
+from dataclasses import dataclass
+import re
+
 import torch
 
 PRECISIONS = ("auto", "float32", "bfloat16")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how the diffusion model runs; `place` applies it when a backbone loads. Results depend on it
+    (float arithmetic differs between devices), so a run records it with its settings."""
+
+    device: str = "auto"  # auto: the first CUDA GPU if torch sees one, else the CPU; or cpu, cuda, cuda:N
+    tf32: bool = True  # TensorFloat-32 matmuls and convolutions on CUDA (METHOD.md §5 trains fp32 with tf32)
+    # Recompute the denoiser's activations during backward: much less memory for SD3.5-M-sized updates, about a
+    # third more compute; the gradient is the same up to float rounding
+    gradient_checkpointing: bool = False
+
+    def validate(self) -> None:
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ValueError(f"runtime.device: {self.device!r} is not a device; expected auto, cpu, cuda or cuda:N")
+
+
+def resolve_device(device: str) -> torch.device:
+    """`device` as a torch device on this machine (`auto`: CUDA if present, else CPU); asking for a GPU this
+    machine does not have is an error naming the setting."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (resolved.index or 0) >= count:
+            raise ValueError(f"runtime.device: {device} asked for, but torch sees {count} CUDA GPU(s) here; "
+                             "use runtime.device=auto or cpu")
+    return resolved
+
+
+def device_present(device: str) -> bool:
+    """Whether this machine has `device` (settings may name a GPU for stages that run elsewhere)."""
+    try:
+        resolve_device(device)
+    except ValueError:
+        return False
+    return True
+
+
+def place(backbone, runtime: RuntimeConfig):
+    """The one place a backbone gets its device and runtime options: moved to `runtime.device`, TF32 set for CUDA,
+    gradient checkpointing on its denoiser when asked. Returns the backbone."""
+    runtime.validate()
+    device = resolve_device(runtime.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = runtime.tf32
+        torch.backends.cudnn.allow_tf32 = runtime.tf32
+    if runtime.gradient_checkpointing:
+        denoiser = backbone.denoiser
+        if not getattr(denoiser, "_supports_gradient_checkpointing", False):
+            raise ValueError(f"runtime.gradient_checkpointing: {type(denoiser).__name__} does not support it")
+        denoiser.enable_gradient_checkpointing()
+    return backbone.to(device)
 
 
 def native_bfloat16(device_type: str) -> bool:
@@ -33,11 +92,6 @@ def cpu_description() -> str:
     """The CPU's name and the capability PyTorch dispatches to, e.g. 'AMD EPYC (AVX2)'."""
     name = torch.cpu.get_capabilities().get("cpu_name", "CPU")
     return f"{name} ({torch.backends.cpu.get_cpu_capability()})"
-
-
-def model_device_type() -> str:
-    """Where the diffusion models run: every backbone is built and trained on the CPU (no accelerator placement)."""
-    return "cpu"
 
 
 def precision_choice(rollout_precision: str, update_precision: str, device_type: str) -> str:

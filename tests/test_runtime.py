@@ -54,3 +54,66 @@ def test_an_emulating_device_is_never_told_to_autocast(monkeypatch):
 def load_recipes():
     import yaml
     return yaml.safe_load(open("params.yaml"))["recipes"]
+
+
+# ------------------------------------------------------------------------------------------- device placement
+
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+
+
+def test_auto_is_the_cpu_without_a_gpu_and_asking_for_a_missing_gpu_names_the_setting(monkeypatch):
+    no_gpu(monkeypatch)
+    assert runtime.resolve_device("auto") == torch.device("cpu")
+    assert runtime.resolve_device("cpu") == torch.device("cpu")
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError, match=f"runtime.device: {device} asked for, but torch sees 0 CUDA GPU"):
+            runtime.resolve_device(device)
+        assert not runtime.device_present(device)
+
+
+def test_auto_is_the_gpu_where_there_is_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert runtime.resolve_device("auto") == torch.device("cuda")
+    assert runtime.resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="cuda:2 asked for, but torch sees 2"):
+        runtime.resolve_device("cuda:2")
+
+
+def test_settings_naming_a_gpu_this_machine_lacks_load_and_keep_auto_precision(monkeypatch):
+    no_gpu(monkeypatch)
+    params = parse_params({"runtime": {"device": "cuda"}, "rl": {"recipe": "elbo"},
+                           "recipes": {"elbo": {"rollout_precision": "auto", "update_precision": "auto"}}})
+    assert (params.runtime.device, params.rl.rollout_precision) == ("cuda", "auto")  # resolved where it runs
+    with pytest.raises(ParamsError, match="runtime.device: 'gpu' is not a device"):
+        parse_params({"runtime": {"device": "gpu"}})
+    with pytest.raises(ParamsError, match=r"runtime: unknown key\(s\) \['dtype'\]"):
+        parse_params({"runtime": {"dtype": "bf16"}})
+
+
+def test_place_moves_the_backbone_and_checkpointing_keeps_the_gradient(monkeypatch):
+    from elborl.models.shapes_model import ShapesFlowModel
+    from conftest import TINY
+
+    no_gpu(monkeypatch)
+
+    def gradient(checkpointing: bool) -> torch.Tensor:
+        model = runtime.place(ShapesFlowModel.from_config(TINY, seed=0),
+                              runtime.RuntimeConfig(device="auto", gradient_checkpointing=checkpointing))
+        assert model.device == torch.device("cpu") and model.denoiser.is_gradient_checkpointing == checkpointing
+        model.denoiser.train()
+        calls = []
+        model.denoiser.down_blocks[0].resnets[0].register_forward_pre_hook(lambda *_: calls.append(1))
+        x = torch.randn(2, *model.sample_shape, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            cond = model.encode_prompts(["a photo of a red circle", "a photo of two squares"])
+        model.velocity(x, torch.tensor([0.9, 0.3]), cond).square().sum().backward()
+        assert len(calls) == (2 if checkpointing else 1)  # checkpointed blocks run again in backward
+        return torch.cat([p.grad.reshape(-1) for p in model.denoiser.parameters() if p.grad is not None])
+
+    plain, checkpointed = gradient(False), gradient(True)
+    assert torch.allclose(plain, checkpointed, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="runtime.device: 'tpu' is not a device"):
+        runtime.place(ShapesFlowModel.from_config(TINY, seed=0), runtime.RuntimeConfig(device="tpu"))
