@@ -1,4 +1,4 @@
-"""A trained policy's EMA LoRA in diffusers' format, with a model card (issue 23).
+"""A trained policy's EMA LoRA in diffusers' format, with a model card.
 
     export_lora(policy, "exports/run7", card={"Prompts": ..., "Rewards": ..., "Metrics": ..., "Lineage": ...},
                 base_model="s3://models/sd3.5-medium")
