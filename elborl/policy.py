@@ -14,6 +14,8 @@ import warnings
 import torch
 from peft import LoraConfig
 
+from elborl.sampling import guided_velocity
+
 CURRENT, OLD, REFERENCE = "current", "old", "reference"
 FINETUNE_MODES = ("lora", "full")
 # METHOD.md §5: attention projections of SD3's joint blocks. The shapes UNet has the first four.
@@ -104,9 +106,11 @@ class Policy:
         finally:
             self._activate(CURRENT)
 
-    def velocity(self, which: str, x_t, t, cond) -> torch.Tensor:
+    def velocity(self, which: str, x_t, t, cond, null_cond=None, guidance: float = 1.0,
+                 detach_null: bool = False) -> torch.Tensor:
+        """The velocity of policy `which`, at CFG guidance `guidance` (1 = the conditional velocity alone)."""
         with self.weights(which):
-            return self.backbone.velocity(x_t, t, cond)
+            return guided_velocity(self.backbone, x_t, t, cond, null_cond, guidance, detach_null)
 
     # --- updates of the kept policies ----------------------------------------------------------
     @torch.no_grad()

@@ -27,7 +27,7 @@ from elborl.objectives import (ADVANTAGE_MODES, CLIPPED_OBJECTIVES, OBJECTIVES, 
                                kl_between_steps, kl_to_reference, nft_loss, nft_optimality, policy_loss)
 from elborl.policy import CURRENT, OLD, REFERENCE, Policy
 from elborl.runtime import PRECISIONS, resolve_precision
-from elborl.sampling import SAMPLERS, guided_velocity, sample, sample_sde, sampler_times, time_grid
+from elborl.sampling import SAMPLERS, sample, sample_sde, sampler_times, time_grid
 
 
 @dataclass
@@ -295,7 +295,7 @@ def _elbo_term_losses(policy, config, batch, cond, null_cond, advantages, genera
     x_t, eps = perturb(x0, t, generator)
 
     def velocity(which, guidance):
-        return _guided_velocity(policy, which, x_t, t, cond, null_cond, guidance).float()
+        return policy.velocity(which, x_t, t, cond, null_cond, guidance).float()
 
     with _autocast(policy, config.update_precision):
         with torch.no_grad():
@@ -316,12 +316,6 @@ def _elbo_term_losses(policy, config, batch, cond, null_cond, advantages, genera
     return loss if kl is None else loss + config.kl_beta * kl
 
 
-def _guided_velocity(policy: Policy, which: str, x, t, cond, null_cond, guidance: float, detach_null: bool = False):
-    """A policy's velocity at CFG guidance `guidance` (1 = the conditional velocity alone)."""
-    with policy.weights(which):
-        return guided_velocity(policy.backbone, x, t, cond, null_cond, guidance, detach_null)
-
-
 def _trajectory_term_losses(policy, config, batch, cond, null_cond, advantages, stats: EpochStats):
     """Trajectory terms (§6): log-probs of the stored step x -> x_next under current, old and reference.
 
@@ -332,7 +326,7 @@ def _trajectory_term_losses(policy, config, batch, cond, null_cond, advantages, 
     x, x_next, t, t_next = batch["x"], batch["x_next"], batch["t"], batch["t_next"]
 
     def velocity(which, detach_null=False):
-        return _guided_velocity(policy, which, x, t, cond, null_cond, config.guidance, detach_null)
+        return policy.velocity(which, x, t, cond, null_cond, config.guidance, detach_null)
 
     with torch.no_grad():
         v_ref = velocity(REFERENCE) if config.kl_beta else None
