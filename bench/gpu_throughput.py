@@ -23,7 +23,7 @@ import time
 import torch
 from diffusers import SD3Transformer2DModel
 
-from elborl.models.sd3 import SD3PromptEmbedding
+from elborl.models.sd3 import SD3PromptEmbedding, SD3TransformerBackbone
 from elborl.policy import SD3_LORA_TARGETS, Policy, PolicyConfig
 from elborl.rl import RLConfig, make_optimizer, rollout, update
 from elborl.runtime import RuntimeConfig, place, resolve_device
@@ -41,7 +41,7 @@ TEXT_TOKENS = 77 + 256  # CLIP's 77 and T5's 256 tokens, as SD3.5's pipeline joi
 PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0), ("L40S", 362.0))
 
 
-class RandomTextBackbone(torch.nn.Module):
+class RandomTextBackbone(SD3TransformerBackbone):
     """An SD3 transformer behind the backbone interface (`encode_prompts`, `velocity`), prompts mapped to fixed
     random embeddings: throughput without the text encoders or the VAE."""
 
@@ -50,14 +50,6 @@ class RandomTextBackbone(torch.nn.Module):
         self.denoiser = SD3Transformer2DModel(**config)
         self.latent_size, self.text_tokens = latent_size, text_tokens
 
-    @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        return (self.denoiser.config.in_channels, self.latent_size, self.latent_size)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.denoiser.parameters()).device
-
     def encode_prompts(self, prompts: list[str]) -> SD3PromptEmbedding:
         config, embeds, pooled = self.denoiser.config, [], []
         for prompt in prompts:
@@ -65,12 +57,6 @@ class RandomTextBackbone(torch.nn.Module):
             embeds.append(torch.randn(self.text_tokens, config.joint_attention_dim, generator=generator))
             pooled.append(torch.randn(config.pooled_projection_dim, generator=generator))
         return SD3PromptEmbedding(torch.stack(embeds).to(self.device), torch.stack(pooled).to(self.device))
-
-    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: SD3PromptEmbedding) -> torch.Tensor:
-        t = torch.as_tensor(t, device=x_t.device)
-        t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
-        return self.denoiser(hidden_states=x_t, timestep=t * 1000, encoder_hidden_states=cond.prompt_embeds,
-                             pooled_projections=cond.pooled_projections).sample
 
 
 def peak_tflops(device: torch.device, given: float | None) -> float | None:

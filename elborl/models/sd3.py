@@ -63,7 +63,31 @@ class SD3PromptEmbedding:
         return SD3PromptEmbedding(self.prompt_embeds.to(*args, **kwargs), self.pooled_projections.to(*args, **kwargs))
 
 
-class SD3FlowModel(torch.nn.Module):
+class SD3TransformerBackbone(torch.nn.Module):
+    """The transformer half of the backbone interface, over `self.denoiser` (an SD3Transformer2DModel) and
+    `self.latent_size`: the sample shape, the device and the velocity. Subclasses add `encode_prompts`."""
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return (self.denoiser.config.in_channels, self.latent_size, self.latent_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: SD3PromptEmbedding) -> torch.Tensor:
+        """v(x_t, t, c); t in [0, 1] (1 = noise) is fed to the transformer on its 0..1000 timestep scale."""
+        t = torch.as_tensor(t, device=x_t.device)
+        t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
+        dtype = self.denoiser.dtype
+        out = self.denoiser(
+            hidden_states=x_t.to(dtype), timestep=(t * 1000).to(dtype),
+            encoder_hidden_states=cond.prompt_embeds.to(dtype), pooled_projections=cond.pooled_projections.to(dtype),
+        ).sample
+        return out.to(x_t.dtype)
+
+
+class SD3FlowModel(SD3TransformerBackbone):
     """The backbone interface of `elborl.models` over Stable Diffusion 3 components.
 
     resolution: image side in pixels (latent side = resolution / VAE scale factor); by default the
@@ -115,14 +139,6 @@ class SD3FlowModel(torch.nn.Module):
     def latent_size(self) -> int:
         return self.resolution // self.vae_scale_factor
 
-    @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        return (self.denoiser.config.in_channels, self.latent_size, self.latent_size)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.denoiser.parameters()).device
-
     def encode_prompts(self, prompts: list[str]) -> SD3PromptEmbedding:
         prompt_embeds, _, pooled, _ = self.pipeline.encode_prompt(
             prompt=list(prompts), prompt_2=None, prompt_3=None, device=self.text_encoder.device,
@@ -130,17 +146,6 @@ class SD3FlowModel(torch.nn.Module):
             max_sequence_length=self.max_sequence_length,
         )
         return SD3PromptEmbedding(prompt_embeds.to(self.device), pooled.to(self.device))
-
-    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, cond: SD3PromptEmbedding) -> torch.Tensor:
-        """v(x_t, t, c); t in [0, 1] (1 = noise) is fed to the transformer on its 0..1000 timestep scale."""
-        t = torch.as_tensor(t, device=x_t.device)
-        t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
-        dtype = self.denoiser.dtype
-        out = self.denoiser(
-            hidden_states=x_t.to(dtype), timestep=(t * 1000).to(dtype),
-            encoder_hidden_states=cond.prompt_embeds.to(dtype), pooled_projections=cond.pooled_projections.to(dtype),
-        ).sample
-        return out.to(x_t.dtype)
 
     @torch.no_grad()
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
