@@ -5,7 +5,7 @@
 
 GenEval's 4 images per prompt (244 held-out images) move the overall score by about +-0.04 between evaluations;
 16 per prompt (976 images) measure a run's end point, and the base model's, four times as precisely. Each run's
-latest checkpoint (or, with `--epoch N`, the one after N epochs) is loaded onto the cached base model of
+last published round (or, with `--epoch N`, the state after N rounds) is loaded onto the cached base model of
 `params.yaml` with the `--set` overrides (a run recorded with another base is refused) and its EMA weights (or, with
 `--weights current`, θ itself) are evaluated with the evaluation's sampler and seeds.
 """
@@ -20,19 +20,27 @@ import json
 import torch
 
 from elborl.benchmark import SETTINGS_FILE, load_bench_params, prepare_bench
-from elborl.checkpoint import checkpoint_path, read_state
+from elborl.checkpoint import read_state
 from elborl.evaluate import evaluate, format_table
 from elborl.policy import Policy
 from elborl.pretrain import cache_key
-from elborl.rl import make_optimizer
+from elborl.rounds import RunContext, round_metrics, round_uri
 
 
 def load_run_policy(run: str | Path, base_model, params, epoch: int | None = None) -> tuple[Policy, dict]:
-    """A run's checkpoint (the latest, or the one after `epoch` epochs) on a copy of the base model: its policy
-    and the checkpoint's state."""
+    """A rounds run's policy (after its last round, or after `epoch` rounds) on a copy of the base model, and
+    where it stands: {"epoch": rounds done, "train_seconds": training seconds until then}."""
+    rounds = rounds_done(run) if epoch is None else epoch
+    if rounds < 1:
+        raise ValueError(f"{run}: no published round to load")
     policy = Policy(copy.deepcopy(base_model), params.policy)
-    state = read_state(checkpoint_path(Path(run, "checkpoints"), epoch), policy, make_optimizer(policy, params.rl))
-    return policy, state
+    read_state(Path(round_uri(str(run), rounds - 1, "update")), policy)
+    train_seconds = round_metrics(RunContext(str(run), None))[rounds - 1]["train_seconds"]
+    return policy, {"epoch": rounds, "train_seconds": train_seconds}
+
+
+def rounds_done(run: str | Path) -> int:
+    return RunContext(str(run), None).completed_rounds()
 
 
 def runs_on_other_bases(runs: list[str], base_name: str) -> list[str]:
@@ -56,7 +64,7 @@ def evaluated_weights(policy: Policy, weights: str):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="run directories of bench/rl_curve.py (holding checkpoints/)")
+    parser.add_argument("runs", nargs="+", help="run directories of bench/rl_curve.py (rounds runs)")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--set", action="append", default=[],
                         help="override as the run had it, e.g. pretrain.steps=5600 (the base model it started from)")
@@ -66,21 +74,16 @@ def main(argv=None) -> None:
                         help="the EMA of θ (what the benchmark evaluates) or θ itself: the EMA trails θ by about "
                              "rl.ema_decay / (1 - rl.ema_decay) optimizer steps")
     parser.add_argument("--epoch", type=int, default=None,
-                        help="the checkpoint after this many epochs (every rl.checkpoint_every) instead of the latest")
+                        help="the policy after this many rounds instead of after the last")
     parser.add_argument("--skip-base", action="store_true",
                         help="evaluate only the runs (the base model's 16-image score is in the README: 0.432)")
     args = parser.parse_args(argv)
     if args.images_per_prompt < 1:
         parser.error(f"--images-per-prompt must be >= 1, got {args.images_per_prompt}")
-    missing = [run for run in args.runs if not Path(run, "checkpoints", "latest.json").exists()]
+    missing = [run for run in args.runs if rounds_done(run) < max(1, args.epoch or 0)]
     if missing:  # refused before minutes of evaluation, not after
-        parser.error(f"no checkpoint (checkpoints/latest.json) in {', '.join(missing)}")
-    if args.epoch is not None:
-        missing = [run for run in args.runs
-                   if not (checkpoint_path(Path(run, "checkpoints"), args.epoch) / "state.json").exists()]
-        if missing:
-            parser.error(f"no checkpoint after epoch {args.epoch} in {', '.join(missing)} (checkpoints are kept "
-                         "every rl.checkpoint_every epochs and at the end)")
+        shortfall = "no published round" if args.epoch is None else f"fewer than {args.epoch} published rounds"
+        parser.error(f"{shortfall} in {', '.join(missing)}")
     params = load_bench_params(args.params, args.set)
     evaluation = replace(params.evaluate, images_per_prompt=args.images_per_prompt)
     base_name = cache_key(params.base_model, params.pretrain)

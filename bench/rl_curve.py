@@ -5,8 +5,8 @@
     .venv/bin/python bench/rl_curve.py --smoke --out /tmp/rl-curve   # wiring only, seconds (model: /tmp/rl-curve.smoke)
 
 Prints one row per evaluation (training minutes, overall, per task), the gain over the base model, and the
-time to +0.15 / +0.25, and writes curves.png, the grids of the base model and of the final EMA policy (base/,
-final/) and both side by side (before_after.png). Wall-clock counts
+time to +0.15 / +0.25, and writes curves.png, the grid of the base model (base/), and beside the final EMA
+policy's (the run's last evaluation, evals/NNNNN/) in before_after.png. Wall-clock counts
 rollout + reward + update, not the held-out evaluations. A finished run of the same settings in --out is read
 back, a killed one resumes (elborl/benchmark.py); bench/efficiency.py runs several methods this way.
 """
@@ -46,8 +46,8 @@ def main(argv=None) -> None:
     print(eval_table(run.evals))
     for gain in (0.15, 0.25):
         print(f"time to +{gain:.2f}: {format_minutes(time_to_threshold(run.held_out_curve(), run.base + gain))}")
-    print(f"curves: {plot_run(out, out / 'curves.png')}")
-    base_grid, final_grid = write_evaluation(out / "base", *bench.base_evaluation())["grid"], out / "final" / "grid.png"
+    print(f"curves: {plot_run(run.metrics, run.evals, out / 'curves.png')}")
+    base_grid, final_grid = write_evaluation(out / "base", *bench.base_evaluation())["grid"], run.final_evaluation / "grid.png"
     titles = (f"base model: {run.base:.3f}",
               f"after {format_minutes(run.train_seconds)} of RL (EMA policy): {run.final['overall']:.3f}")
     before_after(Image.open(base_grid), Image.open(final_grid), titles).save(out / "before_after.png")

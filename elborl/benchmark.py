@@ -5,7 +5,7 @@ head to head against training wall-clock) and bench/ablation.py (the design-spac
 Every run of a benchmark starts from the same base model (pretrained once, cached) and shares one held-out
 evaluation of it; runs go one after another in one process, so they get the same CPU. A run directory records
 its settings: a finished run of the same settings is read back instead of trained again, a killed one resumes
-from its last checkpoint (elborl/rl.py), and a directory holding a run of other settings is refused, never mixed.
+at its first unpublished round (elborl/rounds.py), and a directory holding a run of other settings is refused, never mixed.
 """
 
 from dataclasses import asdict, dataclass, field, replace
@@ -18,10 +18,10 @@ import torch
 
 from elborl.config import Params, load_params_with_overrides
 from elborl.embedded import fine_tune, prepare_prompts, run_settings
-from elborl.evaluate import evaluate, write_evaluation
+from elborl.evaluate import evaluate
 from elborl.geneval.types import TASKS
-from elborl.plots import read_jsonl_rows
 from elborl.pretrain import ensure_base_model
+from elborl.rounds import RunContext, evaluation_uri, evaluations, round_metrics
 from elborl.runtime import place
 
 # --smoke: a tiny model, a few pretraining steps, tiny RL epochs and a 1-image, 2-step evaluation, so every
@@ -31,7 +31,7 @@ SMOKE_OVERRIDES = [
     "pretrain.steps=3", "pretrain.batch_size=4", "pretrain.warmup_steps=1",
     "evaluate.images_per_prompt=1", "evaluate.steps=2",
     "policy.lora_rank=2", "policy.lora_alpha=4",
-    "rl.prompts_per_epoch=2", "rl.group_size=2", "rl.steps=2", "rl.checkpoint_every=1",
+    "rl.prompts_per_epoch=2", "rl.group_size=2", "rl.steps=2",
     "eval_every=1",
 ]
 SMOKE_EPOCHS = 2
@@ -120,8 +120,8 @@ def prepare_bench(params: Params, threads: int) -> Bench:
 
 @dataclass
 class RunResult:
-    """One finished run: its held-out evaluations (eval.jsonl; the first is the base model, the last the final
-    EMA policy) and its per-epoch training rows (metrics.jsonl)."""
+    """One finished rounds run: its held-out evaluations (the first is the base model's, the last the final EMA
+    policy's) and its per-round training rows (elborl.rounds.evaluations and round_metrics)."""
 
     label: str
     run_dir: Path
@@ -148,6 +148,11 @@ class RunResult:
     @property
     def seconds_per_epoch(self) -> float | None:
         return self.train_seconds / self.epochs if self.epochs else None
+
+    @property
+    def final_evaluation(self) -> Path:
+        """The directory of the final policy's evaluation (scores.json, grid.png)."""
+        return Path(evaluation_uri(str(self.run_dir), self.evals[-1]["epoch"]))
 
     def held_out_curve(self) -> list[tuple[float, float]]:
         return [(e["train_seconds"], e["overall"]) for e in self.evals]
@@ -190,12 +195,9 @@ def run_or_reuse(bench: Bench, params: Params, run_dir: str | Path, budget: Budg
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         settings_path.write_text(json.dumps(settings, indent=1))
-    # A run killed after its budget-ending checkpoint but before DONE_FILE trains one epoch more on resume
-    # (rl.train always runs at least one epoch): rare, the window is the final evaluation, and metrics.jsonl shows it.
     train_set = bench.test if train_prompts == "test" else bench.train_set
-    _, final = fine_tune(copy.deepcopy(bench.base_model), train_set, bench.test, budget.apply(params),
-                         run_dir, max_train_seconds=budget.max_train_seconds, base_summary=bench.base_summary())
-    write_evaluation(run_dir / "final", *final)
+    fine_tune(copy.deepcopy(bench.base_model), train_set, bench.test, budget.apply(params), run_dir,
+              max_train_seconds=budget.max_train_seconds, base_evaluation=bench.base_evaluation)
     result = collect_run(run_dir, label)
     (run_dir / DONE_FILE).write_text(json.dumps({"epochs": result.epochs, "train_seconds": result.train_seconds,
                                                  "final_overall": result.final["overall"]}))
@@ -216,9 +218,8 @@ def provenance(runs: list[RunResult], threads: int) -> str:
 
 
 def collect_run(run_dir: str | Path, label: str, reused: bool = False) -> RunResult:
-    run_dir = Path(run_dir)
-    evals, metrics = read_jsonl_rows(run_dir / "eval.jsonl"), read_jsonl_rows(run_dir / "metrics.jsonl")
-    return RunResult(label, run_dir, evals, metrics, reused)
+    ctx = RunContext(str(run_dir), None)
+    return RunResult(label, Path(run_dir), evaluations(ctx), round_metrics(ctx), reused)
 
 
 def settings_differences(old: dict, new: dict, prefix: str = "") -> list[str]:

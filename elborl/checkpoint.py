@@ -1,13 +1,10 @@
-"""Training checkpoints as safetensors + JSON (no pickle): policy weights, optimizer, RNG state, epoch.
+"""A policy's training state as safetensors + JSON (no pickle): policy weights, optimizer, RNG state.
 
-A checkpoint directory is written beside its final name and renamed last, so a kill mid-write leaves
-the previous checkpoint as the latest complete one.
+A round's update artifact holds one (elborl/rounds.py); the artifact store publishes it whole or not at all.
 """
 
 from pathlib import Path
 import json
-import os
-import shutil
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -51,34 +48,3 @@ def read_state(directory: str | Path, policy: Policy, optimizer=None) -> dict:
         _load_optimizer(optimizer, load_file(directory / "optimizer.safetensors"), state["optimizer"])
     torch.set_rng_state(load_file(directory / "rng.safetensors")["torch_rng"])
     return state
-
-
-def checkpoint_path(directory: str | Path, epoch: int | None = None) -> Path:
-    """The checkpoint after `epoch` epochs in `directory` (None: the latest complete one, from latest.json)."""
-    directory = Path(directory)
-    if epoch is None:
-        return directory / json.loads((directory / "latest.json").read_text())["checkpoint"]
-    return directory / f"epoch-{epoch:05d}"
-
-
-def save_checkpoint(directory: str | Path, policy: Policy, optimizer, epoch: int, extra: dict | None = None) -> Path:
-    """Writes `directory/epoch-XXXXX` and points `directory/latest.json` at it."""
-    directory = Path(directory)
-    final = checkpoint_path(directory, epoch)
-    staging = directory / f".{final.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    write_state(staging, policy, optimizer, {"epoch": epoch, **(extra or {})})
-    shutil.rmtree(final, ignore_errors=True)
-    staging.rename(final)
-    tmp = directory / f".latest.json.{os.getpid()}"
-    tmp.write_text(json.dumps({"checkpoint": final.name, "epoch": epoch}))
-    tmp.replace(directory / "latest.json")
-    return final
-
-
-def load_latest_checkpoint(directory: str | Path, policy: Policy, optimizer) -> dict | None:
-    """Restores the latest complete checkpoint; returns its state (epoch = epochs done) or None if none."""
-    if not (Path(directory) / "latest.json").exists():
-        return None
-    return read_state(checkpoint_path(directory), policy, optimizer)

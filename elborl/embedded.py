@@ -3,11 +3,13 @@
     python -m elborl.embedded [--params params.yaml] [--skip-rl]
 
 Every phase resumes: the base model is cached by its settings, the RL run by its settings too (a killed run
-continues from its last checkpoint), and the final table compares the base model with the EMA policy.
+continues at its first unpublished round), and the final table compares the base model with the EMA policy.
+The RL run is the rounds run of `elborl.rounds` in one process: the artifacts the pipeline's stages publish.
 """
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 import argparse
 import hashlib
 import json
@@ -19,11 +21,10 @@ from elborl.config import load_params
 from elborl.evaluate import evaluate, format_table, write_evaluation
 from elborl.geneval.prompts import shapes_test_set, shapes_train_set, write_jsonl
 from elborl.plots import plot_run
-from elborl.policy import Policy
 from elborl.pretrain import ensure_base_model
 from elborl.rewards import reward_from_params
-from elborl.rl import train
-from elborl.runtime import place, precision_choice, resolve_device
+from elborl.rounds import HeldOut, RunContext, evaluation_uri, evaluations, round_metrics, run_rounds
+from elborl.runtime import place, resolve_device
 
 
 def prepare_prompts(params, out_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -50,28 +51,27 @@ def run_key(base_path: Path, params) -> str:
 
 
 def fine_tune(model, train_set, test, params, run_dir: Path, max_train_seconds: float | None = None,
-              base_summary: dict | None = None):
-    """RL from the base model with held-out evaluations of the EMA policy every `params.eval_every` epochs
-    and after the last one (`base_summary`, when given, is the base model's and is not recomputed).
-    Returns the policy and the final evaluation (summary, records, images)."""
+              base_evaluation: Callable[[], tuple] | None = None) -> tuple[RunContext, str, dict]:
+    """RL from the base model (`model`, placed) as a rounds run at `run_dir`, with held-out evaluations of the
+    EMA policy every `params.eval_every` rounds and after the last one (`base_evaluation()`, when given, returns
+    the base model's, which is then not recomputed). Returns the run, its final evaluation's URI and that evaluation's summary."""
     rl = params.rl
     likelihood = f"{rl.weighting} ELBO" if rl.estimator == "elbo" else "trajectory log-prob"
     print(f"RL fine-tuning ({rl.recipe or 'no recipe'}): {rl.objective} + {likelihood} + {rl.steps}-step "
-          f"{rl.sampler}, {rl.epochs} epochs -> {run_dir}")
-    print(precision_choice(rl.rollout_precision, rl.update_precision, model.device.type))
-    policy = Policy(model, params.policy)
-    latest = []
+          f"{rl.sampler}, {rl.epochs} rounds -> {run_dir}")
+    ctx = RunContext(str(run_dir), params, backbone=model, train_metas=train_set, log=_quiet_skips)
+    held_out = HeldOut(lambda backbone: evaluate(backbone, test, params.evaluate, progress=False),
+                       params.eval_every, base_evaluation)
+    with reward_from_params(params.rewards) as reward:
+        done = run_rounds(ctx, reward, held_out=held_out, max_train_seconds=max_train_seconds)
+    final = evaluation_uri(ctx.run, done)
+    return ctx, final, ctx.store.read_manifest(final)["meta"]["summary"]
 
-    def held_out(p: Policy) -> dict:
-        latest[:] = evaluate(p.backbone, test, params.evaluate, progress=False)
-        return latest[0]
 
-    train(policy, train_set, reward_from_params(params.rewards), params.rl, run_dir, held_out, params.eval_every,
-          max_train_seconds=max_train_seconds, initial_eval=base_summary)
-    if not latest:  # a finished run was resumed: nothing trained, nothing evaluated in this process
-        with policy.ema_weights(), torch.no_grad():
-            latest[:] = evaluate(policy.backbone, test, params.evaluate, progress=False)
-    return policy, tuple(latest)
+def _quiet_skips(message: str) -> None:
+    """A resumed run in one process re-checks every published artifact: say what runs, not what is skipped."""
+    if not message.endswith("already published, skipped"):
+        print(message)
 
 
 def main(argv=None) -> None:
@@ -97,17 +97,16 @@ def main(argv=None) -> None:
 
     if not args.skip_rl:
         run_dir = root / "runs" / run_key(base_path, params)
-        _, (tuned_summary, records, images) = fine_tune(model, train_set, test, params, run_dir,
-                                                        base_summary=base_summary)
-        written["fine-tuned"] = write_evaluation(run_dir / "eval", tuned_summary, records, images)
-        summaries["fine-tuned"] = tuned_summary
-        curves = plot_run(run_dir, run_dir / "curves.png")
+        ctx, final, summaries["fine-tuned"] = fine_tune(model, train_set, test, params, run_dir,
+                                                        base_evaluation=lambda: (base_summary, records, images))
+        written["fine-tuned"] = {"scores": ctx.local(final) / "scores.json", "grid": ctx.local(final) / "grid.png"}
+        curves = plot_run(round_metrics(ctx), evaluations(ctx), run_dir / "curves.png")
 
     print("\nshapes-GenEval (strict), held-out test prompts\n" + format_table(summaries))
     for name, paths in written.items():
         print(f"{name:>10}: scores {paths['scores']}  grid {paths['grid']}")
     if not args.skip_rl:
-        print(f"    curves: {curves}\n   metrics: {run_dir / 'metrics.jsonl'}")
+        print(f"    curves: {curves}\n       run: {run_dir} (round-*/ artifacts, evals/)")
 
 
 if __name__ == "__main__":

@@ -15,10 +15,9 @@ def read_jsonl_rows(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
 
 
-def plot_run(run_dir: str | Path, out_png: str | Path) -> Path:
-    """Left: dense training reward per epoch. Right: held-out strict shapes-GenEval against training minutes."""
-    run_dir = Path(run_dir)
-    metrics, evals = read_jsonl_rows(run_dir / "metrics.jsonl"), read_jsonl_rows(run_dir / "eval.jsonl")
+def plot_run(metrics: list[dict], evals: list[dict], out_png: str | Path) -> Path:
+    """Left: dense training reward per round. Right: held-out strict shapes-GenEval against training minutes.
+    `metrics` and `evals` are a run's rows (elborl.rounds.round_metrics and evaluations)."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     if metrics:
         epochs, rewards = [m["epoch"] for m in metrics], [m["reward_mean"] for m in metrics]
@@ -26,7 +25,7 @@ def plot_run(run_dir: str | Path, out_png: str | Path) -> Path:
         # each epoch draws other prompts, so one epoch's mean swings by ±0.1; the trailing mean shows the trend
         left.plot(epochs, trailing_mean(rewards, 10), lw=2, label="mean of the last 10")
         left.legend(fontsize=7)
-    left.set(xlabel="epoch", ylabel="training reward (dense)", title="rollout reward")
+    left.set(xlabel="round", ylabel="training reward (dense)", title="rollout reward")
     if evals:
         minutes = [e["train_seconds"] / 60 for e in evals]
         right.plot(minutes, [e["overall"] for e in evals], marker="o", label="overall")

@@ -1,6 +1,7 @@
-"""The RL loop: epochs of rollout -> reward -> update (METHOD.md §2-§4), each phase a plain function.
+"""The RL epoch: rollout -> reward -> update (METHOD.md §2-§4), each phase a plain function; a run is rounds of
+them (elborl/rounds.py), one epoch per round.
 
-The method and its baselines (§6) are choices inside this one loop, never a second one:
+The method and its baselines (§6) are choices inside this one epoch, never a second one:
 - rollout: `sampler` euler / dpm2 (ODE) or sde (Flow-GRPO's, which can store the trajectory and its log-probs);
 - likelihood: `estimator` elbo (final sample only, §2) or trajectory (stored SDE steps, §6);
 - `objective`: epg / pepg / par / grpo (+ `_noratio`) on either estimator, flow_grpo (PPO clip against the
@@ -11,16 +12,11 @@ Every random draw of epoch e comes from generators seeded by (seed, e), so an ep
 from the run's settings, and a resumed run continues exactly where a straight run would be.
 """
 
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
-import json
-import time
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from elborl.checkpoint import load_latest_checkpoint, save_checkpoint
 from elborl.likelihood import (ESTIMATORS, WEIGHTINGS, elbo, elbo_times, expand_to_terms, perturb, times_in_window,
                                trajectory_log_prob, trajectory_terms)
 from elborl.objectives import (ADVANTAGE_MODES, CLIPPED_OBJECTIVES, OBJECTIVES, TermStats, group_advantages,
@@ -85,7 +81,6 @@ class RLConfig:
     old_decay_max: float = 0.5
     ema_decay: float = 0.9  # the cap of the EMA's per-optimizer-step decay (§4: warm-up, then 0.9)
     epochs: int = 100
-    checkpoint_every: int = 5
     seed: int = 0
 
     def validate(self) -> None:
@@ -95,7 +90,7 @@ class RLConfig:
             if getattr(self, key) not in valid:
                 raise ValueError(f"rl.{key}: unknown {key} {getattr(self, key)!r}; expected one of {valid}")
         for key in ("steps", "prompts_per_epoch", "group_size", "optimizer_steps_per_epoch", "micro_batch",
-                    "epochs", "checkpoint_every"):
+                    "epochs"):
             if getattr(self, key) < 1:
                 raise ValueError(f"rl.{key} must be >= 1, got {getattr(self, key)}")
         if self.group_size < 2:
@@ -409,78 +404,3 @@ def reward_summary(rewards: torch.Tensor, metas: list[dict]) -> dict:
 def score_means(reward_fn) -> dict:
     """`score/<name>`: the mean of each reward a MultiReward kept from its last call ({} for a plain reward)."""
     return {f"score/{name}": float(np.mean(values)) for name, values in getattr(reward_fn, "last_scores", {}).items()}
-
-
-def _append_jsonl(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _rows_before(path: Path, epoch: int) -> None:
-    """Drops metric rows of epochs a killed run logged after its last checkpoint (they will be redone)."""
-    if path.exists():
-        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] < epoch]
-        path.write_text("".join(r + "\n" for r in rows))
-
-
-def train(policy: Policy, train_metas: list[dict], reward_fn, config: RLConfig, run_dir: str | Path,
-          evaluate_fn=None, eval_every: int = 0, progress: bool = True, stop_after_epoch: int | None = None,
-          max_train_seconds: float | None = None, initial_eval: dict | None = None) -> Path:
-    """Runs (or resumes) epochs until `config.epochs`; returns the metrics file.
-
-    reward_fn(images uint8 N x H x W x 3, metas) -> rewards (N,); evaluate_fn(policy) -> dict, run with the EMA
-    weights before training, every `eval_every` epochs (0 = never in between) and after the last epoch, and
-    logged to eval.jsonl with the training seconds spent so far. `initial_eval` stands in for the evaluation
-    before training when the caller already has it (the EMA policy then is the base model).
-    """
-    config.validate()
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=1))
-    metrics_path, eval_path = run_dir / "metrics.jsonl", run_dir / "eval.jsonl"
-    optimizer = make_optimizer(policy, config)
-    state = load_latest_checkpoint(run_dir / "checkpoints", policy, optimizer)
-    start, train_seconds = (state["epoch"], state["train_seconds"]) if state else (0, 0.0)
-    _rows_before(metrics_path, start)
-    _rows_before(eval_path, start + 1 if state else 0)
-    if state is None and evaluate_fn:
-        _log_eval(eval_path, evaluate_fn, policy, 0, 0.0, initial_eval)
-    done, evaluated = start, False
-    # Under a wall-clock budget the epoch count is open (UNBOUNDED_EPOCHS): show training minutes against the budget
-    # instead of an epoch total that would make the ETA meaningless.
-    timed = max_train_seconds is not None
-    bar = tqdm(range(start, config.epochs), initial=start, total=float("inf") if timed else config.epochs,
-               desc="RL epochs", disable=not progress)
-    for epoch in bar:
-        t0 = time.perf_counter()
-        ro = rollout(policy, choose_prompts(train_metas, config, epoch), config, epoch)
-        t1 = time.perf_counter()
-        rewards = torch.as_tensor(reward_fn(policy.backbone.to_images(ro.x0), ro.metas), dtype=torch.float32)
-        t2 = time.perf_counter()
-        row = {"epoch": epoch, **reward_summary(rewards, ro.metas), **score_means(reward_fn),
-               **update(policy, optimizer, ro, rewards, config, epoch)}
-        t3 = time.perf_counter()
-        train_seconds += t3 - t0
-        row.update(seconds_rollout=t1 - t0, seconds_reward=t2 - t1, seconds_update=t3 - t2, train_seconds=train_seconds)
-        _append_jsonl(metrics_path, row)
-        budget = {"train_min": f"{train_seconds / 60:.1f}/{max_train_seconds / 60:.1f}"} if timed else {}
-        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", delta=f"{row['delta_mean']:.1e}", **budget)
-        done = epoch + 1
-        evaluated = bool(evaluate_fn and eval_every and done % eval_every == 0)
-        if evaluated:
-            _log_eval(eval_path, evaluate_fn, policy, done, train_seconds)
-        out_of_time = max_train_seconds is not None and train_seconds >= max_train_seconds
-        if done % config.checkpoint_every == 0 or done == config.epochs or out_of_time:
-            save_checkpoint(run_dir / "checkpoints", policy, optimizer, done, {"train_seconds": train_seconds})
-        if out_of_time or (stop_after_epoch is not None and done >= stop_after_epoch):
-            break
-    if evaluate_fn and done > start and not evaluated:
-        _log_eval(eval_path, evaluate_fn, policy, done, train_seconds)  # eval.jsonl ends with the final policy
-    return metrics_path
-
-
-def _log_eval(path: Path, evaluate_fn, policy: Policy, epoch: int, train_seconds: float, result=None) -> None:
-    if result is None:
-        with policy.ema_weights(), torch.no_grad():
-            result = evaluate_fn(policy)
-    _append_jsonl(path, {"epoch": epoch, "train_seconds": train_seconds, **result})

@@ -9,15 +9,18 @@ Round r samples from the policy that round r-1's update left, and publishes unde
                                       (prompt, group, seed and sampler settings: enough to regenerate every sample)
     <run>/round-00003/score/          rewards.json (one reward per sample, per-task means, per-reward means)
     <run>/round-00003/update/         policy/optimizer/rng safetensors, state.json, metrics.json
+    <run>/evals/00004/                held-out evaluation of the EMA policy after 4 rounds (scores, grid)
 
 through `elborl.store` (manifest last), so a run resumes at the first round without a published update,
-and a stage whose artifact is already published is skipped. Each stage calls the same functions as the
-one-process loop (`elborl.rl`), with the same per-round random streams, so N rounds here give exactly the
-weights and metrics of N epochs of `rl.train`.
+and a stage whose artifact is already published is skipped. This is the only kind of training run: the stages
+run it one artifact at a time (DVC, Prefect, containers), `run_rounds` runs it in one process (the main job,
+the benchmarks), and both publish the same artifacts with the same per-round random streams, so a run started
+one way can be resumed the other.
 """
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 import json
 import tempfile
 import time
@@ -28,6 +31,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from elborl.checkpoint import read_state, write_state
+from elborl.evaluate import write_evaluation
 from elborl.geneval.prompts import read_jsonl
 from elborl.models import load_backbone
 from elborl.policy import Policy
@@ -46,20 +50,32 @@ def round_uri(run: str, round_index: int, stage: str) -> str:
     return join(run, f"round-{round_index:05d}", stage)
 
 
+def evaluation_uri(run: str, rounds_done: int) -> str:
+    """The held-out evaluation of the EMA policy after `rounds_done` rounds (0: the initial policy)."""
+    return join(run, "evals", f"{rounds_done:05d}")
+
+
 class RunContext:
     """Where a run lives and what it needs: settings, the base model, training prompts, a local cache.
 
+    The base model and the training prompts are artifact URIs (`base_model`, `prompts`: a stage in its own
+    process or container) or objects already in memory (`backbone`, `train_metas`: a run in one process).
     Artifacts at local paths are read in place; `s3://` artifacts are fetched once into `cache` (verified
     against their manifests) and reused by later stages of the same process or machine.
     """
 
     def __init__(self, run: str, params, base_model: str | None = None, prompts: str | None = None,
-                 store: ArtifactStore | None = None, cache: str | Path | None = None, log=print):
+                 store: ArtifactStore | None = None, cache: str | Path | None = None, log=print,
+                 backbone=None, train_metas: list[dict] | None = None):
         self.run, self.params, self.base_model, self.prompts = str(run), params, base_model, prompts
         self.store = store or ArtifactStore()
         self.cache = Path(cache or Path(tempfile.gettempdir()) / "elborl-cache")
         self.log = log
+        self._backbone, self._train_metas = backbone, train_metas
         self._policy, self._initial_state = None, None
+        # (round, optimizer, torch RNG state) the policy in memory holds: consecutive stages in one process
+        # continue from it instead of reading back the state the previous stage just published
+        self._held: tuple[int, torch.optim.Optimizer, torch.Tensor] | None = None
 
     # --- artifacts ---------------------------------------------------------------------------------
     def local(self, uri: str) -> Path:
@@ -81,24 +97,48 @@ class RunContext:
             raise ValueError(f"run {self.run} was started with other settings (changed: {', '.join(changed)}); "
                              "start a new run prefix for new settings")
 
+    def train_metas(self) -> list[dict]:
+        if self._train_metas is None:
+            if self.prompts is None:
+                raise ValueError("the rollout stage needs the training prompts (--prompts)")
+            self._train_metas = read_jsonl(self.local(self.prompts) / "train.jsonl")
+        return self._train_metas
+
     # --- the policy --------------------------------------------------------------------------------
     def policy_after(self, round_index: int) -> tuple[Policy, torch.optim.Optimizer]:
         """The policy and optimizer as round `round_index`'s update left them (-1: the initial policy).
 
-        One policy is built per process (adapters attach to the backbone once) and its state is reloaded.
+        One policy is built per process (adapters attach to the backbone once); its state, the optimizer's
+        and the torch RNG's are those the round's update published, read back unless already in memory.
         """
         if self._policy is None:
-            if self.base_model is None:
-                raise ValueError("this stage needs the base model (--base-model)")
-            backbone = place(load_backbone(self.local(self.base_model)), self.params.runtime)
-            self._policy = Policy(backbone, self.params.policy)
+            self._policy = Policy(self._load_backbone(), self.params.policy)
             self._initial_state = self._policy.state_dict()
+        if self._held is not None and self._held[0] == round_index:
+            _, optimizer, rng = self._held
+            torch.set_rng_state(rng)
+            return self._policy, optimizer
         optimizer = make_optimizer(self._policy, self.params.rl)
         if round_index >= 0:
             read_state(self.local(round_uri(self.run, round_index, "update")), self._policy, optimizer)
         else:
             self._policy.load_state_dict(self._initial_state)
+        self._held = (round_index, optimizer, torch.get_rng_state())
         return self._policy, optimizer
+
+    def _load_backbone(self):
+        if self._backbone is not None:
+            return self._backbone
+        if self.base_model is None:
+            raise ValueError("this stage needs the base model (--base-model)")
+        return place(load_backbone(self.local(self.base_model)), self.params.runtime)
+
+    def forget_held_state(self) -> None:
+        self._held = None
+
+    def hold(self, round_index: int, optimizer) -> None:
+        """The policy in memory now holds the state round `round_index`'s update is publishing."""
+        self._held = (round_index, optimizer, torch.get_rng_state())
 
     def device_type(self) -> str:
         """Where this run's model runs ("cpu", "cuda")."""
@@ -111,6 +151,11 @@ class RunContext:
             done += 1
         return done
 
+    def round_seconds(self, round_index: int) -> dict[str, float]:
+        """Seconds each stage of a published round took (rollout, reward, update), from their manifests."""
+        return {f"seconds_{name}": self.store.read_manifest(round_uri(self.run, round_index, stage))["meta"]["seconds"]
+                for name, stage in (("rollout", "rollout"), ("reward", "score"), ("update", "update"))}
+
 
 # --- the three stages ----------------------------------------------------------------------------------
 def rollout_stage(ctx: RunContext, round_index: int) -> str:
@@ -119,11 +164,9 @@ def rollout_stage(ctx: RunContext, round_index: int) -> str:
 
     def write(directory: Path) -> dict:
         ctx.check_settings()
-        if ctx.prompts is None:
-            raise ValueError("the rollout stage needs the training prompts (--prompts)")
+        train_metas = ctx.train_metas()
         start = time.perf_counter()
         policy, _ = ctx.policy_after(round_index - 1)
-        train_metas = read_jsonl(ctx.local(ctx.prompts) / "train.jsonl")
         ro = rollout(policy, choose_prompts(train_metas, ctx.params.rl, round_index), ctx.params.rl, round_index)
         images = policy.backbone.to_images(ro.x0)
         seconds = time.perf_counter() - start
@@ -189,13 +232,14 @@ def update_stage(ctx: RunContext, round_index: int) -> str:
         scores = json.loads((ctx.local(round_uri(ctx.run, round_index, "score")) / "rewards.json").read_text())
         rewards = torch.tensor(scores["rewards"], dtype=torch.float32)
         policy, optimizer = ctx.policy_after(round_index - 1)
+        ctx.forget_held_state()  # the update changes the policy in memory: it holds no published round until written
         start = time.perf_counter()
         metrics = {"epoch": round_index, **reward_summary(rewards, ro.metas),
                    **{k: v for k, v in scores.items() if k.startswith("score/")},
                    **update(policy, optimizer, ro, rewards, ctx.params.rl, round_index)}
         seconds = time.perf_counter() - start
         write_state(directory, policy, optimizer, {"epoch": round_index + 1})
-        metrics["seconds_update"] = seconds
+        ctx.hold(round_index, optimizer)
         (directory / "metrics.json").write_text(json.dumps(metrics))
         # the metrics ride in the manifest too, so curves need no download of policy states
         return {"seconds": seconds, "metrics": metrics}
@@ -204,25 +248,103 @@ def update_stage(ctx: RunContext, round_index: int) -> str:
     return out
 
 
-# --- a whole run in one process --------------------------------------------------------------------------
-def run_rounds(ctx: RunContext, reward_fn, rounds: int | None = None, progress: bool = True) -> int:
-    """Rounds from the first incomplete one up to `rounds` (default: rl.epochs); returns rounds completed."""
-    from tqdm.auto import tqdm
+def evaluation_stage(ctx: RunContext, rounds_done: int, evaluate_fn, result: Callable[[], tuple] | None = None,
+                     train_seconds: float | None = None) -> str:
+    """Held-out evaluation of the EMA policy after `rounds_done` rounds: evaluate_fn(backbone) -> (summary,
+    per-image records, images), published with write_evaluation's files; `result()`, when given, stands in
+    for the evaluation (the base model's, which the caller already has)."""
+    out = evaluation_uri(ctx.run, rounds_done)
 
-    total = rounds if rounds is not None else ctx.params.rl.epochs
-    start = ctx.completed_rounds()
+    def write(directory: Path) -> dict:
+        evaluation = result() if result else None
+        if evaluation is None:
+            policy, _ = ctx.policy_after(rounds_done - 1)
+            with policy.ema_weights(), torch.no_grad():
+                evaluation = evaluate_fn(policy.backbone)
+        write_evaluation(directory, *evaluation)
+        return {"summary": evaluation[0]}
+
+    ctx.store.publish(out, write, {"rounds": rounds_done, "stage": "evaluate", "train_seconds": train_seconds},
+                      log=ctx.log)
+    return out
+
+
+# --- a whole run in one process --------------------------------------------------------------------------
+@dataclass
+class HeldOut:
+    """Held-out evaluations during a run: before the first round, every `every` rounds (0: never in between)
+    and after the last; evaluate(backbone) -> (summary, records, images). `initial()`, when given, returns the
+    evaluation before training (the base model's, when the caller has it; called only if not yet published)."""
+
+    evaluate: Callable
+    every: int = 0
+    initial: Callable[[], tuple] | None = None
+
+
+def run_rounds(ctx: RunContext, reward_fn, rounds: int | None = None, progress: bool = True,
+               held_out: HeldOut | None = None, max_train_seconds: float | None = None) -> int:
+    """Rounds from the first incomplete one up to `rounds` (default: rl.epochs), or until the training
+    seconds (rollout + reward + update, summed over published rounds; evaluations excluded) reach
+    `max_train_seconds`; returns the rounds completed."""
     rl = ctx.params.rl
+    rl.validate()
+    total = rounds if rounds is not None else rl.epochs
+    start = ctx.completed_rounds()
     ctx.log(precision_choice(rl.rollout_precision, rl.update_precision, ctx.device_type()))
     if start:
         ctx.log(f"{ctx.run}: {start} round(s) already published, resuming at round {start}")
-    for r in tqdm(range(start, total), initial=start, total=total, desc="rounds", disable=not progress):
-        rollout_stage(ctx, r)
-        score_stage(ctx, r, reward_fn)
-        update_stage(ctx, r)
-    return max(start, total)
+    spent = sum(sum(ctx.round_seconds(r).values()) for r in range(start))
+    if held_out:
+        evaluation_stage(ctx, 0, held_out.evaluate, held_out.initial, 0.0)
+    done = start
+    bar = _progress(start, total, spent, max_train_seconds, progress)
+    while done < total and (max_train_seconds is None or not done or spent < max_train_seconds):
+        rollout_stage(ctx, done)
+        score_stage(ctx, done, reward_fn)
+        update_stage(ctx, done)
+        seconds = sum(ctx.round_seconds(done).values())
+        spent, done = spent + seconds, done + 1
+        bar.update(seconds / 60 if max_train_seconds is not None else 1)
+        metrics = ctx.store.read_manifest(round_uri(ctx.run, done - 1, "update"))["meta"]["metrics"]
+        bar.set_postfix(round=done, reward=f"{metrics['reward_mean']:.3f}")
+        if held_out and held_out.every and done % held_out.every == 0:
+            evaluation_stage(ctx, done, held_out.evaluate, train_seconds=spent)
+    bar.close()
+    if held_out:  # the run ends with its final policy evaluated (skipped when already published)
+        evaluation_stage(ctx, done, held_out.evaluate, train_seconds=spent)
+    return done
 
 
-def round_metrics(ctx: RunContext) -> list[dict]:
-    """Every completed round's training metrics (reward, δ, KL, grad norm, seconds), in round order."""
-    return [ctx.store.read_manifest(round_uri(ctx.run, r, "update"))["meta"]["metrics"]
-            for r in range(ctx.completed_rounds())]
+def _progress(start: int, total: int, spent: float, max_train_seconds: float | None, enabled: bool):
+    """Rounds against the total, or under a time budget training minutes against the budget (an ETA either way)."""
+    from tqdm.auto import tqdm
+
+    if max_train_seconds is None:
+        return tqdm(initial=start, total=total, desc="rounds", unit="round", disable=not enabled)
+    return tqdm(initial=min(spent, max_train_seconds) / 60, total=max_train_seconds / 60, desc="training minutes",
+                unit="min", bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} min [{elapsed}<{remaining}{postfix}]",
+                disable=not enabled)
+
+
+def round_metrics(ctx: RunContext, first: int = 0) -> list[dict]:
+    """Every completed round's training metrics from `first` on (reward, δ, KL, grad norm, seconds per stage and
+    the training seconds summed up to the round's end), in round order."""
+    rows, spent = [], 0.0
+    for r in range(ctx.completed_rounds()):
+        seconds = ctx.round_seconds(r)
+        spent += sum(seconds.values())
+        if r >= first:
+            metrics = ctx.store.read_manifest(round_uri(ctx.run, r, "update"))["meta"]["metrics"]
+            rows.append({**metrics, **seconds, "train_seconds": spent})
+    return rows
+
+
+def evaluations(ctx: RunContext) -> list[dict]:
+    """The run's held-out evaluations in round order: rounds done ("epoch"), training seconds then, the summary."""
+    rows = []
+    for rounds_done in range(ctx.completed_rounds() + 1):
+        uri = evaluation_uri(ctx.run, rounds_done)
+        if ctx.store.exists(uri):
+            meta = ctx.store.read_manifest(uri)["meta"]
+            rows.append({"epoch": rounds_done, "train_seconds": meta["train_seconds"], **meta["summary"]})
+    return rows

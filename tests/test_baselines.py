@@ -14,13 +14,13 @@ from elborl.models.shapes_model import ShapesFlowModel
 from elborl.objectives import (kl_between_steps, nft_implicit_velocities, nft_loss, nft_optimality, policy_loss,
                                term_stats)
 from elborl.policy import OLD, Policy
-from elborl.rl import RLConfig, make_optimizer, rollout, train, update
-from elborl.rounds import RunContext, round_metrics, run_rounds
+from elborl.rl import RLConfig, make_optimizer, rollout, update
+from elborl.rounds import RunContext, round_metrics
 from elborl.sampling import (gaussian_log_prob, guided_velocity, initial_noise, sample, sample_sde, sde_sigma,
                              sde_step, time_grid)
 
-from test_rl_loop import METAS, brightness, rows, small_config, tiny_policy, without_seconds
-from test_rounds import POLICY, published_inputs
+from test_rl_loop import METAS, brightness, small_config, tiny_policy, tiny_run
+from test_rounds import POLICY, assert_same_as_one_process_run, each_stage_in_its_own_process, published_inputs
 
 PROMPTS = [m["prompt"] for m in METAS] + ["a photo of a blue triangle"]
 SHIPPED = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
@@ -28,8 +28,7 @@ SHIPPED = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").r
 
 def recipe(name: str, **settings) -> RLConfig:
     """A shipped recipe (params.yaml) at the tiny scale of the loop tests, resolved as params.yaml would be."""
-    scale = {"prompts_per_epoch": 2, "group_size": 3, "steps": 3, "micro_batch": 8, "lr": 1e-2,
-             "checkpoint_every": 100, "epochs": 1}
+    scale = {"prompts_per_epoch": 2, "group_size": 3, "steps": 3, "micro_batch": 8, "lr": 1e-2, "epochs": 1}
     return parse_params({"recipes": SHIPPED["recipes"], "rl": {"recipe": name, **scale, **settings}}).rl
 
 
@@ -340,8 +339,7 @@ ELBO_ROW_KEYS = {"epoch", "reward_mean", "reward_std", "delta_mean", "delta_abs_
 def test_a_short_run_of_each_baseline_through_the_one_loop(tmp_path, name, settings, extra):
     config = recipe(name, epochs=2, **settings)
     assert config.recipe == name
-    train(tiny_policy(), METAS, brightness, config, tmp_path, progress=False)
-    logged = rows(tmp_path / "metrics.jsonl")
+    logged = round_metrics(tiny_run(tmp_path, config))
     assert [r["epoch"] for r in logged] == [0, 1]
     assert all(ELBO_ROW_KEYS | extra <= set(r) for r in logged)
     assert all(math.isfinite(r["delta_mean"]) and r["grad_norm"] > 0 for r in logged)
@@ -350,25 +348,19 @@ def test_a_short_run_of_each_baseline_through_the_one_loop(tmp_path, name, setti
 
 
 def test_the_elbo_row_keys_are_unchanged(tmp_path):
-    train(tiny_policy(), METAS, brightness, recipe("elbo", kl_beta=0.0), tmp_path, progress=False)
+    row = round_metrics(tiny_run(tmp_path, recipe("elbo", kl_beta=0.0)))[0]
     # with kl_beta 0 the KL is neither computed nor logged (a 0 would read as measured)
-    assert set(rows(tmp_path / "metrics.jsonl")[0]) - {"reward/colors", "reward/counting"} == ELBO_ROW_KEYS - {"kl"}
-    train(tiny_policy(), METAS, brightness, recipe("elbo", kl_beta=1e-3), tmp_path / "kl", progress=False)
-    assert rows(tmp_path / "kl" / "metrics.jsonl")[0]["kl"] > 0
+    assert set(row) - {"reward/colors", "reward/counting"} == ELBO_ROW_KEYS - {"kl"}
+    assert round_metrics(tiny_run(tmp_path / "kl", recipe("elbo", kl_beta=1e-3)))[0]["kl"] > 0
 
 
-def test_rounds_of_sde_rollouts_give_exactly_the_one_process_loop(tmp_path):
+def test_sde_rollouts_through_stored_trajectories_give_exactly_the_one_process_run(tmp_path):
     base, prompts = published_inputs(tmp_path, str(tmp_path / "store"))
     config = recipe("flow_grpo", epochs=2)
     ctx = RunContext(str(tmp_path / "store" / "run"), Params(policy=POLICY, rl=config), base, prompts,
                      cache=tmp_path / "cache", log=lambda *_: None)
-    run_rounds(ctx, brightness, progress=False)
-    straight = Policy(ShapesFlowModel.from_pretrained(tmp_path / "base"), POLICY)
-    train(straight, METAS, brightness, config, tmp_path / "straight", progress=False)
-    staged, _ = ctx.policy_after(1)
-    expected, got = straight.state_dict(), staged.state_dict()
-    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
-    assert without_seconds(rows(tmp_path / "straight" / "metrics.jsonl")) == without_seconds(round_metrics(ctx))
+    each_stage_in_its_own_process(ctx, brightness, 2)
+    assert_same_as_one_process_run(ctx, tmp_path, epochs=2)
     samples = (tmp_path / "store/run/round-00001/rollout/samples.jsonl").read_text().splitlines()[0]
     assert '"sde_noise": 0.7' in samples and '"sampler": "sde"' in samples
 

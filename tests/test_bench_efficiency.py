@@ -11,12 +11,11 @@ import pytest
 
 from conftest import ROOT, load_bench
 from elborl.benchmark import (DONE_FILE, SETTINGS_FILE, Bench, Budget, Ratio, RunResult, budget_from_args,
-                              load_bench_params, mean_curve, run_or_reuse, settings_differences, thresholds,
+                              collect_run, load_bench_params, mean_curve, run_or_reuse, settings_differences, thresholds,
                               time_ratio, time_to_threshold)
 from elborl.embedded import run_settings
 from elborl.evaluate import GRID_TEXT_WIDTH, grid_image
 from elborl.geneval.types import TASKS
-from elborl.plots import read_jsonl_rows
 from elborl.runtime import resolve_precision
 
 PARAMS = str(ROOT / "params.yaml")
@@ -202,7 +201,7 @@ def test_efficiency_smoke_run_writes_everything_and_reuses_finished_runs(tmp_pat
     assert printed.count("reusing the finished run") == 3 and "RL fine-tuning" not in printed
     summary = (tmp_path / "summary.md").read_text()
     assert "3 runs: 3 read back from earlier runs (trained at [1] torch threads;" in summary
-    assert len((tmp_path / "runs" / "nft" / "seed0" / "metrics.jsonl").read_text().splitlines()) == 1
+    assert len(collect_run(tmp_path / "runs" / "nft" / "seed0", "nft").metrics) == 1
     assert read_csv(tmp_path / "curves.csv") == rows
 
 
@@ -224,8 +223,8 @@ def test_rl_curve_smoke_run_writes_curves_and_grids_before_and_after(tmp_path, c
     rl_curve.main(["--smoke", "--params", PARAMS, "--out", str(out), "--threads", "1", "--epochs", "1"])
     printed = capsys.readouterr().out
     assert "time to +0.15:" in printed and "before_after.png" in printed
-    assert [e["epoch"] for e in read_jsonl_rows(out / "eval.jsonl")] == [0, 1]
-    before, after = Image.open(out / "base" / "grid.png"), Image.open(out / "final" / "grid.png")
+    assert [e["epoch"] for e in collect_run(out, "rl_curve").evals] == [0, 1]
+    before, after = Image.open(out / "base" / "grid.png"), Image.open(out / "evals" / "00001" / "grid.png")
     both = Image.open(out / "before_after.png")
     assert both.height > before.height and both.width > before.width + after.width - GRID_TEXT_WIDTH
 
@@ -235,10 +234,8 @@ def test_trailing_mean_and_run_plot(tmp_path):
     assert trailing_mean([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert trailing_mean([2.0, 4.0], 10) == [2.0, 3.0]
     rows = [{"epoch": e, "reward_mean": 0.5 + 0.01 * e} for e in range(12)]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "eval.jsonl").write_text(json.dumps({"epoch": 0, "train_seconds": 0, "overall": 0.4,
-                                                     "tasks": {"counting": 0.1}}) + "\n")
-    png = plot_run(tmp_path, tmp_path / "curves.png")
+    evals = [{"epoch": 0, "train_seconds": 0, "overall": 0.4, "tasks": {"counting": 0.1}}]
+    png = plot_run(rows, evals, tmp_path / "curves.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

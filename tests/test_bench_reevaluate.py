@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from conftest import TINY, load_bench
-from test_rl_loop import METAS, brightness, small_config, tiny_policy
+from test_rl_loop import small_config, tiny_run, trained_policy
 from elborl.models.shapes_model import ShapesFlowModel
-from elborl.rl import train
 
 
 def trainable(policy):
@@ -18,9 +17,8 @@ def trainable(policy):
 
 def test_the_run_policy_has_the_runs_current_and_ema_weights(tmp_path):
     bench = load_bench("reevaluate")
-    config = small_config(epochs=2, checkpoint_every=2, ema_decay=0.5)
-    trained = tiny_policy()
-    train(trained, METAS, brightness, config, tmp_path, progress=False)
+    config = small_config(epochs=2, ema_decay=0.5)
+    trained = trained_policy(tiny_run(tmp_path, config))
     params = SimpleNamespace(policy=trained.config, rl=config)
     loaded, state = bench.load_run_policy(tmp_path, ShapesFlowModel.from_config(TINY, seed=0), params)
     assert state["epoch"] == 2
@@ -35,11 +33,11 @@ def test_the_run_policy_has_the_runs_current_and_ema_weights(tmp_path):
         bench.evaluated_weights(loaded, "old")
 
 
-def test_runs_without_a_checkpoint_and_bad_counts_are_refused(tmp_path, capsys):
+def test_runs_without_a_published_round_and_bad_counts_are_refused(tmp_path, capsys):
     bench = load_bench("reevaluate")
     with pytest.raises(SystemExit):
         bench.main([str(tmp_path)])
-    assert "no checkpoint (checkpoints/latest.json)" in capsys.readouterr().err
+    assert f"no published round in {tmp_path}" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.main([str(tmp_path), "--images-per-prompt", "0"])
     assert "--images-per-prompt must be >= 1" in capsys.readouterr().err
@@ -48,8 +46,7 @@ def test_runs_without_a_checkpoint_and_bad_counts_are_refused(tmp_path, capsys):
 def test_a_run_from_another_base_model_is_refused_before_anything_runs(tmp_path, capsys):
     bench = load_bench("reevaluate")
     run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    (run / "checkpoints" / "latest.json").write_text("{}")
+    tiny_run(run, small_config(epochs=1))
     (run / "bench_settings.json").write_text('{"base": "not-this-base"}')
     assert bench.runs_on_other_bases([str(run)], "not-this-base") == []
     assert bench.runs_on_other_bases([str(run)], "another") == [f"{run} (base not-this-base)"]
@@ -61,11 +58,10 @@ def test_a_run_from_another_base_model_is_refused_before_anything_runs(tmp_path,
     assert not (tmp_path / "artifacts").exists()
 
 
-def test_an_earlier_checkpoint_is_loaded_by_epoch_and_a_missing_one_refused(tmp_path, capsys):
+def test_an_earlier_round_is_loaded_by_epoch_and_a_missing_one_refused(tmp_path, capsys):
     bench = load_bench("reevaluate")
-    config = small_config(epochs=2, checkpoint_every=1)
-    trained = tiny_policy()
-    train(trained, METAS, brightness, config, tmp_path, progress=False)
+    config = small_config(epochs=2)
+    trained = trained_policy(tiny_run(tmp_path, config))
     params = SimpleNamespace(policy=trained.config, rl=config)
     base = ShapesFlowModel.from_config(TINY, seed=0)
     first, state = bench.load_run_policy(tmp_path, base, params, epoch=1)
@@ -76,4 +72,4 @@ def test_an_earlier_checkpoint_is_loaded_by_epoch_and_a_missing_one_refused(tmp_
     assert any(not torch.equal(p, trainable(last)[n]) for n, p in trainable(first).items())
     with pytest.raises(SystemExit):
         bench.main([str(tmp_path), "--epoch", "7"])
-    assert "no checkpoint after epoch 7" in capsys.readouterr().err
+    assert f"fewer than 7 published rounds in {tmp_path}" in capsys.readouterr().err

@@ -3,10 +3,14 @@ import json
 import pytest
 import torch
 
+from elborl.config import Params
+from elborl.geneval.prompts import shapes_test_set
+from elborl.evaluate import EvalConfig, evaluate
 from elborl.models.shapes_model import ShapesFlowModel
 from elborl.policy import Policy, PolicyConfig
 from elborl.rewards import MultiReward, make_reward
-from elborl.rl import RLConfig, rollout, train, update, make_optimizer
+from elborl.rl import RLConfig, rollout, update, make_optimizer
+from elborl.rounds import HeldOut, RunContext, evaluations, round_metrics, run_rounds
 
 from conftest import TINY
 
@@ -23,11 +27,26 @@ def tiny_policy(finetune="lora") -> Policy:
 
 def small_config(**overrides) -> RLConfig:
     return RLConfig(**{"prompts_per_epoch": 2, "group_size": 3, "steps": 3, "micro_batch": 8, "lr": 1e-2,
-                       "checkpoint_every": 2, **overrides})
+                       **overrides})
 
 
 def rows(path):
     return [json.loads(line) for line in open(path)]
+
+
+def tiny_run(run_dir, config: RLConfig, reward=brightness, policy: PolicyConfig | None = None, backbone=None,
+             **run_options) -> RunContext:
+    """A rounds run of the tiny model in this process (what the main job and the benchmarks do); `backbone`
+    stands in for a fresh tiny model (a second process resuming the run builds its own)."""
+    policy = policy or PolicyConfig(lora_rank=4, lora_alpha=8)
+    ctx = RunContext(str(run_dir), Params(policy=policy, rl=config), log=lambda *_: None,
+                     backbone=backbone or ShapesFlowModel.from_config(TINY, seed=0), train_metas=METAS)
+    run_rounds(ctx, reward, progress=run_options.pop("progress", False), **run_options)
+    return ctx
+
+
+def trained_policy(ctx: RunContext) -> Policy:
+    return ctx.policy_after(ctx.completed_rounds() - 1)[0]
 
 
 @pytest.mark.parametrize("finetune,precision", [("lora", "float32"), ("full", "float32"), ("lora", "bfloat16")])
@@ -57,39 +76,31 @@ def without_seconds(metric_rows):
     return [{k: v for k, v in r.items() if "seconds" not in k} for r in metric_rows]
 
 
-def test_resume_after_a_kill_matches_a_straight_run(tmp_path):
-    config = small_config(epochs=4)
-    straight = tiny_policy()
-    train(straight, METAS, brightness, config, tmp_path / "straight", progress=False)
-
-    killed = tiny_policy()
-    train(killed, METAS, brightness, config, tmp_path / "resumed", progress=False, stop_after_epoch=3)
-    # The "kill" came after epoch 3 was logged but before its checkpoint: epoch 3 is redone on resume.
-    assert len(rows(tmp_path / "resumed" / "metrics.jsonl")) == 3
-    resumed = tiny_policy()  # a fresh process: weights come only from the checkpoint
-    train(resumed, METAS, brightness, config, tmp_path / "resumed", progress=False)
-
-    expected, got = straight.state_dict(), resumed.state_dict()
+def test_a_run_resumed_in_a_new_process_matches_a_straight_run(tmp_path):
+    straight = tiny_run(tmp_path / "straight", small_config(epochs=4))
+    tiny_run(tmp_path / "resumed", small_config(epochs=4), rounds=2)
+    # a fresh process: a new model, the state only from the published rounds
+    resumed = tiny_run(tmp_path / "resumed", small_config(epochs=4))
+    expected, got = trained_policy(straight).state_dict(), trained_policy(resumed).state_dict()
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
-    assert without_seconds(rows(tmp_path / "straight" / "metrics.jsonl")) == \
-        without_seconds(rows(tmp_path / "resumed" / "metrics.jsonl"))
+    assert without_seconds(round_metrics(straight)) == without_seconds(round_metrics(resumed))
 
 
 def test_bad_settings_are_rejected_with_the_key_named(tmp_path):
     with pytest.raises(ValueError, match="rl.objective: unknown objective 'ppo'"):
-        train(tiny_policy(), METAS, brightness, small_config(objective="ppo"), tmp_path, progress=False)
+        tiny_run(tmp_path, small_config(objective="ppo"))
+    assert not (tmp_path / "round-00000").exists()
     with pytest.raises(ValueError, match="group_size"):
         small_config(group_size=1).validate()
 
 
 def test_a_short_run_raises_a_simple_reward(tmp_path):
     """PEPG + adaptive ELBO on mean brightness: the reward climbs (a flipped gradient sign would lower it)."""
-    policy = tiny_policy("full")
     config = RLConfig(prompts_per_epoch=2, group_size=4, steps=3, epochs=10, lr=1e-3, micro_batch=32,
-                      advantage="std", kl_beta=0.0, checkpoint_every=100)
-    train(policy, METAS, brightness, config, tmp_path, progress=False)
-    rewards = [r["reward_mean"] for r in rows(tmp_path / "metrics.jsonl")]
+                      advantage="std", kl_beta=0.0)
+    ctx = tiny_run(tmp_path, config, policy=PolicyConfig(finetune="full"))
+    rewards = [r["reward_mean"] for r in round_metrics(ctx)]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:2]) / 2 + 0.015, rewards
 
 
@@ -156,33 +167,38 @@ def test_adam_momentum_is_the_configured_one():
 
 
 def test_held_out_evaluations_start_before_training_and_end_with_the_final_policy(tmp_path):
-    calls = []
+    test_metas, calls = shapes_test_set()[:2], []
 
-    def count_evaluations(policy):
+    def counted_evaluation(backbone):
         calls.append(1)
-        return {"overall": float(len(calls))}
+        return evaluate(backbone, test_metas, EvalConfig(images_per_prompt=1, steps=2), progress=False)
 
-    config = small_config(epochs=3, checkpoint_every=100)
-    train(tiny_policy(), METAS, brightness, config, tmp_path, count_evaluations, eval_every=2, progress=False,
-          initial_eval={"overall": 0.0})
-    assert [(r["epoch"], r["overall"]) for r in rows(tmp_path / "eval.jsonl")] == [(0, 0.0), (2, 1.0), (3, 2.0)]
+    ctx = tiny_run(tmp_path, small_config(epochs=3), held_out=HeldOut(counted_evaluation, every=2))
+    assert [e["epoch"] for e in evaluations(ctx)] == [0, 2, 3] and len(calls) == 3
+    assert (tmp_path / "evals" / "00002" / "grid.png").exists()
+    assert [e["train_seconds"] for e in evaluations(ctx)][1:] == [round_metrics(ctx)[r]["train_seconds"] for r in (1, 2)]
+    # the caller's evaluation of the base model stands in for the first; a finished run evaluates nothing more
+    base = evaluate(ShapesFlowModel.from_config(TINY, seed=0), test_metas, EvalConfig(images_per_prompt=1, steps=2))
+    other = tiny_run(tmp_path / "other", small_config(epochs=1), held_out=HeldOut(counted_evaluation, 0, lambda: base))
+    assert len(calls) == 4 and evaluations(other)[0]["overall"] == base[0]["overall"]
+    tiny_run(tmp_path, small_config(epochs=3), held_out=HeldOut(counted_evaluation, every=2))
+    assert len(calls) == 4
 
 
 def test_a_multi_reward_logs_the_mean_of_each_reward(tmp_path):
     reward = MultiReward({"brightness": brightness, "jpeg": make_reward("jpeg_compressibility")},
                          {"brightness": 1.0, "jpeg": 0.0})  # weight 0: logged, not trained on
-    train(tiny_policy(), METAS, reward, small_config(epochs=1), tmp_path, progress=False)
-    row = rows(tmp_path / "metrics.jsonl")[0]
+    row = round_metrics(tiny_run(tmp_path, small_config(epochs=1), reward))[0]
     assert row["score/brightness"] == pytest.approx(row["reward_mean"]) and row["score/jpeg"] < 0
 
 
-def test_a_wall_clock_budget_ends_the_run_with_a_checkpoint_and_shows_minutes(tmp_path, capsys):
-    config = small_config(epochs=100_000, checkpoint_every=100)
-    train(tiny_policy(), METAS, brightness, config, tmp_path, progress=True, max_train_seconds=0.0)
-    assert [r["epoch"] for r in rows(tmp_path / "metrics.jsonl")] == [0]  # the first epoch already spends 0 s
-    assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["epoch"] == 1
+def test_a_wall_clock_budget_ends_the_run_and_shows_minutes(tmp_path, capsys):
+    ctx = tiny_run(tmp_path, small_config(epochs=100_000), max_train_seconds=0.0, progress=True)
+    assert [r["epoch"] for r in round_metrics(ctx)] == [0]  # the first round already spends the 0 s budget
     bar = capsys.readouterr().err
-    assert "train_min=0.0/0.0" in bar and "/100000" not in bar  # no epoch total, so no meaningless ETA
+    assert "training minutes" in bar and "/0.0 min" in bar and "/100000" not in bar  # no meaningless round total
+    tiny_run(tmp_path, small_config(epochs=100_000), max_train_seconds=0.0)  # resumed: the budget is spent
+    assert ctx.completed_rounds() == 1
 
 
 def test_the_evaluation_ema_moves_after_every_optimizer_step_with_a_warm_up():

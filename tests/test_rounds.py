@@ -6,14 +6,13 @@ import torch
 from elborl.config import Params
 from elborl.geneval.prompts import write_jsonl
 from elborl.models.shapes_model import ShapesFlowModel
-from elborl.policy import Policy, PolicyConfig
+from elborl.policy import PolicyConfig
 from elborl.rewards import MultiReward, make_reward
-from elborl.rl import train
 from elborl.rounds import RunContext, round_metrics, round_uri, rollout_stage, run_rounds, score_stage, update_stage
 from elborl.store import ArtifactStore
 
 from conftest import TINY
-from test_rl_loop import METAS, brightness, rows, small_config, without_seconds
+from test_rl_loop import METAS, brightness, small_config, tiny_run, trained_policy, without_seconds
 
 POLICY = PolicyConfig(lora_rank=4, lora_alpha=8)
 
@@ -31,27 +30,40 @@ def published_inputs(tmp_path, root: str) -> tuple[str, str]:
 
 def context(tmp_path, root: str, epochs: int = 2, log=print) -> RunContext:
     base, prompts = published_inputs(tmp_path, root) if not (tmp_path / "base").exists() else (f"{root}/base", f"{root}/prompts")
-    params = Params(policy=POLICY, rl=small_config(epochs=epochs, checkpoint_every=100))
+    params = Params(policy=POLICY, rl=small_config(epochs=epochs))
     return RunContext(f"{root}/run", params, base, prompts, cache=tmp_path / "cache", log=log)
 
 
-def assert_same_as_one_process_loop(ctx: RunContext, tmp_path, epochs: int, reward=brightness):
-    straight = Policy(ShapesFlowModel.from_pretrained(tmp_path / "base"), POLICY)
-    train(straight, METAS, reward, small_config(epochs=epochs, checkpoint_every=100), tmp_path / "straight",
-          progress=False)
-    staged, _ = ctx.policy_after(epochs - 1)
-    expected, got = straight.state_dict(), staged.state_dict()
+def assert_same_as_one_process_run(ctx: RunContext, tmp_path, epochs: int, reward=brightness):
+    """`ctx`'s run, however its stages ran, ends with exactly the weights and metrics of the same run in one
+    process from the base model in memory."""
+    straight = tiny_run(tmp_path / "straight", ctx.params.rl, reward, POLICY,
+                        ShapesFlowModel.from_pretrained(tmp_path / "base"), rounds=epochs)
+    staged = RunContext(ctx.run, ctx.params, ctx.base_model, cache=tmp_path / "cache").policy_after(epochs - 1)[0]
+    expected, got = trained_policy(straight).state_dict(), staged.state_dict()
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
-    assert without_seconds(rows(tmp_path / "straight" / "metrics.jsonl")) == without_seconds(round_metrics(ctx))
+    assert without_seconds(round_metrics(straight)) == without_seconds(round_metrics(ctx))
 
 
-def test_rounds_of_stages_give_exactly_the_one_process_loop(tmp_path):
+def each_stage_in_its_own_process(ctx: RunContext, reward, rounds: int) -> None:
+    """Every stage with a fresh context, as stages in separate containers run: nothing carried in memory."""
+    def fresh():
+        return RunContext(ctx.run, ctx.params, ctx.base_model, ctx.prompts, cache=ctx.cache, log=ctx.log)
+
+    for r in range(rounds):
+        rollout_stage(fresh(), r)
+        score_stage(fresh(), r, reward)
+        update_stage(fresh(), r)
+
+
+def test_stages_in_separate_processes_give_exactly_the_one_process_run(tmp_path):
     ctx = context(tmp_path, str(tmp_path / "store"))
-    # several rewards: the per-reward means (score/<name>) reach the rounds' metrics as they reach the loop's
+    # several rewards: the per-reward means (score/<name>) reach the rounds' metrics
     reward = MultiReward({"brightness": brightness, "jpeg": make_reward("jpeg_compressibility")},
                          {"brightness": 1.0, "jpeg": 0.0})
-    assert run_rounds(ctx, reward, progress=False) == 2
-    assert_same_as_one_process_loop(ctx, tmp_path, epochs=2, reward=reward)
+    each_stage_in_its_own_process(ctx, reward, 2)
+    assert ctx.completed_rounds() == 2
+    assert_same_as_one_process_run(ctx, tmp_path, epochs=2, reward=reward)
     assert {"score/brightness", "score/jpeg"} <= round_metrics(ctx)[0].keys()
     samples = [json.loads(line) for line in open(tmp_path / "store/run/round-00001/rollout/samples.jsonl")]
     assert {"prompt", "seed", "group", "sampler", "steps", "shift", "guidance"} <= samples[0].keys()
@@ -74,13 +86,13 @@ def test_a_killed_run_resumes_at_the_first_incomplete_round(tmp_path):
     run_rounds(ctx, counted_brightness, progress=False)  # resumes at round 1, reusing its rollout and score
     assert len(scored) == 1  # only round 2 was scored
     assert any("round-00001/score: already published" in m for m in messages)
-    assert_same_as_one_process_loop(ctx, tmp_path, epochs=3)
+    assert_same_as_one_process_run(ctx, tmp_path, epochs=3)
 
 
 def test_a_stage_under_other_settings_refuses_the_run(tmp_path):
     ctx = context(tmp_path, str(tmp_path / "store"))
     rollout_stage(ctx, 0)
-    other = RunContext(ctx.run, Params(policy=POLICY, rl=small_config(epochs=2, checkpoint_every=100, lr=5e-3)),
+    other = RunContext(ctx.run, Params(policy=POLICY, rl=small_config(epochs=2, lr=5e-3)),
                        ctx.base_model, ctx.prompts)
     with pytest.raises(ValueError, match="changed: rl.lr"):
         update_stage(other, 0)
@@ -97,4 +109,4 @@ def test_rounds_run_against_a_real_s3_server(tmp_path, s3_env):
     ctx = context(tmp_path, "s3://runs/tiny")
     run_rounds(ctx, brightness, rounds=2, progress=False)
     assert ctx.store.exists(round_uri(ctx.run, 1, "update"))
-    assert_same_as_one_process_loop(ctx, tmp_path, epochs=2)
+    assert_same_as_one_process_run(ctx, tmp_path, epochs=2)

@@ -4,7 +4,6 @@ Everything runs on a tiny random SD3 built from configs (no downloads); s3:// lo
 local S3 server of tests/s3server.py.
 """
 
-import json
 import shutil
 
 import numpy as np
@@ -13,11 +12,13 @@ import torch
 
 from elborl.models.sd3 import SD3FlowModel, SD3PromptEmbedding, tiny_sd3
 from elborl.policy import CURRENT, SD3_LORA_TARGETS, Policy, PolicyConfig
-from elborl.rl import RLConfig, train
+from elborl.rl import RLConfig
+from elborl.rounds import round_metrics
 from elborl.sampling import sample
 
+from test_rl_loop import tiny_run, trained_policy
+
 PROMPTS = ["a photo of a red circle", "a photo of two blue squares", "a photo of a green diamond"]
-METAS = [{"tag": "colors", "prompt": PROMPTS[0]}, {"tag": "counting", "prompt": PROMPTS[1]}]
 
 
 def brightness(images, metas):
@@ -117,23 +118,22 @@ def test_classifier_free_guidance_uses_the_embedding_cat(model):
 
 def test_policy_lora_and_one_full_rl_epoch(tmp_path):
     torch.set_num_threads(1)
-    policy = Policy(tiny_sd3(seed=0), PolicyConfig(lora_rank=4, lora_alpha=8, lora_targets=SD3_LORA_TARGETS))
+    policy_config = PolicyConfig(lora_rank=4, lora_alpha=8, lora_targets=SD3_LORA_TARGETS)
+    policy = Policy(tiny_sd3(seed=0), policy_config)
     names = [n for n, _ in policy.trainable_named_parameters()]
     for target in SD3_LORA_TARGETS:  # all 8 projections of the recipe carry the trained adapter
         assert any(f".{target}.lora_A.{CURRENT}." in n for n in names), target
         assert any(f".{target}.lora_B.{CURRENT}." in n for n in names), target
     assert not any(".attn2." in n for n in names)  # SD3.5's second (dual) attention is not a recipe target
-    config = RLConfig(prompts_per_epoch=2, group_size=2, steps=3, micro_batch=8, lr=1e-2, epochs=1,
-                      checkpoint_every=1)
-    before = {n: p.detach().clone() for n, p in policy.trainable_named_parameters()}
-    metrics = train(policy, METAS, brightness, config, tmp_path, progress=False)
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    config = RLConfig(prompts_per_epoch=2, group_size=2, steps=3, micro_batch=8, lr=1e-2, epochs=1)
+    assert all(not p.any() for n, p in policy.trainable_named_parameters() if ".lora_B." in n)  # B starts at 0
+    ctx = tiny_run(tmp_path, config, brightness, policy_config, tiny_sd3(seed=0))
+    rows = round_metrics(ctx)
     assert len(rows) == 1 and rows[0]["epoch"] == 0
     assert rows[0]["delta_abs_max"] == 0.0 and rows[0]["ratio_min"] == 1.0 == rows[0]["ratio_max"]
     assert rows[0]["grad_norm"] > 0 and 0 <= rows[0]["reward_mean"] <= 1
-    assert json.loads((tmp_path / "checkpoints" / "latest.json").read_text())["epoch"] == 1
-    assert (tmp_path / "checkpoints" / "epoch-00001" / "policy.safetensors").exists()
-    assert any(not torch.equal(before[n], p) for n, p in policy.trainable_named_parameters())
+    assert (tmp_path / "round-00000" / "update" / "policy.safetensors").exists()
+    assert any(p.any() for n, p in trained_policy(ctx).trainable_named_parameters() if ".lora_B." in n)
 
 
 # --- s3:// ------------------------------------------------------------------------------------------
