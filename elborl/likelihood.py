@@ -79,9 +79,15 @@ def expand_to_terms(x0: Tensor, times: Tensor) -> tuple[Tensor, Tensor]:
 
 def perturb(x0: Tensor, t: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """§0/§2 forward process with fresh noise per term: returns (x_t = (1 - t) x0 + t eps, eps)."""
-    eps = torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype).to(x0.device)
+    eps = term_noise(x0, generator)
     t = per_row(t, x0)
     return (1 - t) * x0 + t * eps, eps
+
+
+def term_noise(x0: Tensor, generator: torch.Generator) -> Tensor:
+    """The noise `perturb` draws for these terms (a process skipping another's micro-batch draws it too, so the
+    generator stays where one process would have it)."""
+    return torch.randn(x0.shape, generator=generator, device=generator.device, dtype=x0.dtype).to(x0.device)
 
 
 def _mean_over_data(x: Tensor) -> Tensor:

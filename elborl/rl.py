@@ -17,8 +17,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from elborl.likelihood import (ESTIMATORS, WEIGHTINGS, elbo, elbo_times, expand_to_terms, perturb, times_in_window,
-                               trajectory_log_prob, trajectory_terms)
+from elborl.distributed import SINGLE, Processes
+from elborl.likelihood import (ESTIMATORS, WEIGHTINGS, elbo, elbo_times, expand_to_terms, perturb, term_noise,
+                               times_in_window, trajectory_log_prob, trajectory_terms)
 from elborl.objectives import (ADVANTAGE_MODES, CLIPPED_OBJECTIVES, OBJECTIVES, TermStats, group_advantages,
                                kl_between_steps, kl_to_reference, nft_loss, nft_optimality, policy_loss)
 from elborl.policy import CURRENT, OLD, REFERENCE, Policy
@@ -219,23 +220,30 @@ def choose_prompts(train_metas: list[dict], config: RLConfig, epoch: int) -> lis
     return chosen
 
 
-def rollout(policy: Policy, prompt_metas: list[dict], config: RLConfig, epoch: int) -> Rollout:
-    """Samples G images per prompt from the old policy θ_old (with the SDE trajectory when the estimator needs it)."""
+def rollout(policy: Policy, prompt_metas: list[dict], config: RLConfig, epoch: int,
+            processes: Processes = SINGLE) -> Rollout:
+    """Samples G images per prompt from the old policy θ_old (with the SDE trajectory when the estimator needs it).
+    Each of several processes samples its share of whole groups; every process returns the whole rollout."""
     metas = [m for m in prompt_metas for _ in range(config.group_size)]
     group_ids = [i for i in range(len(prompt_metas)) for _ in range(config.group_size)]
     first_seed = (config.seed * 100_003 + epoch) * 10_000  # disjoint from evaluation seeds (>= 10^6 apart per run)
     seeds = [first_seed + i for i in range(len(metas))]
-    prompts = [m["prompt"] for m in metas]
+    processes.check_groups(len(prompt_metas))
+    share = processes.group_share(len(prompt_metas))
+    mine = slice(share.start * config.group_size, share.stop * config.group_size)
+    prompts, own_seeds = [m["prompt"] for m in metas[mine]], seeds[mine]
     trajectory = old_log_probs = None
     with policy.weights(OLD), _autocast(policy, config.rollout_precision):
         if config.estimator == "trajectory":
             x0, trajectory, old_log_probs = sample_sde(
-                policy.backbone, prompts, seeds, config.steps, config.shift, config.guidance, config.sde_noise,
+                policy.backbone, prompts, own_seeds, config.steps, config.shift, config.guidance, config.sde_noise,
                 batch_size=config.micro_batch, keep_trajectory=True)
+            trajectory, old_log_probs = processes.gather(trajectory), processes.gather(old_log_probs)
         else:
-            x0 = sample(policy.backbone, prompts, seeds, config.sampler, config.steps, config.shift, config.guidance,
-                        batch_size=config.micro_batch, sde_noise=config.sde_noise)
-    return Rollout(metas, group_ids, seeds, x0.float(), config.sampler_settings(), trajectory, old_log_probs)
+            x0 = sample(policy.backbone, prompts, own_seeds, config.sampler, config.steps, config.shift,
+                        config.guidance, batch_size=config.micro_batch, sde_noise=config.sde_noise)
+    return Rollout(metas, group_ids, seeds, processes.gather(x0.float()), config.sampler_settings(), trajectory,
+                   old_log_probs)
 
 
 def _autocast(policy: Policy, precision: str):
@@ -274,6 +282,22 @@ class EpochStats:
             self.kl.append(kl.detach())
         if optimality is not None:
             self.optimality.append(optimality)
+
+    def gathered(self, processes: Processes) -> "EpochStats":
+        """The statistics over every process's terms."""
+        if processes.world == 1:
+            return self
+        merged = EpochStats.__new__(EpochStats)
+        merged.objective, merged.clip_range = self.objective, self.clip_range
+        shares = processes.gather_objects((self.terms, [k.cpu() for k in self.kl],
+                                           [o.cpu() for o in self.optimality]))
+        merged.terms = TermStats()
+        merged.kl, merged.optimality = [], []
+        for terms, kl, optimality in shares:
+            merged.terms = merged.terms.merge(terms)
+            merged.kl += kl
+            merged.optimality += optimality
+        return merged
 
     def summary(self) -> dict:
         out = self.terms.summary(self.objective)
@@ -337,8 +361,12 @@ def _trajectory_term_losses(policy, config, batch, cond, null_cond, advantages, 
     return loss if kl is None else loss + config.kl_beta * kl
 
 
-def update(policy: Policy, optimizer, ro: Rollout, rewards: torch.Tensor, config: RLConfig, epoch: int) -> dict:
-    """One epoch of policy updates over all terms (§2, §6); K optimizer steps; then θ_old and EMA move."""
+def update(policy: Policy, optimizer, ro: Rollout, rewards: torch.Tensor, config: RLConfig, epoch: int,
+           processes: Processes = SINGLE) -> dict:
+    """One epoch of policy updates over all terms (§2, §6); K optimizer steps; then θ_old and EMA move.
+
+    Several processes deal each step's micro-batches round-robin and sum their gradients before the step: the
+    step is the one process's up to the order of floating-point sums, and every process takes it."""
     generator = epoch_generator(config.seed, epoch, 1)
     advantages = group_advantages(rewards, ro.group_ids, config.advantage, config.advantage_scale)
     per_sample, terms = epoch_terms(ro, config, generator)
@@ -358,9 +386,13 @@ def update(policy: Policy, optimizer, ro: Rollout, rewards: torch.Tensor, config
         if len(chunk) == 0:  # every sample dropped (drop_zero_advantage): no step, as Flow-GRPO
             continue
         optimizer.zero_grad(set_to_none=True)
-        for ids in chunk.split(config.micro_batch):
-            samples = ids // per_sample
+        for index, ids in enumerate(chunk.split(config.micro_batch)):
             batch = {name: values[ids] for name, values in terms.items()}
+            if not processes.owns_micro_batch(index):
+                if not trajectory:
+                    term_noise(batch["x0"], generator)  # the noise this micro-batch takes on its process
+                continue
+            samples = ids // per_sample
             sample_null = null_cond[samples] if guided else None
             if trajectory:
                 losses = _trajectory_term_losses(policy, config, batch, cond[samples], sample_null,
@@ -369,12 +401,13 @@ def update(policy: Policy, optimizer, ro: Rollout, rewards: torch.Tensor, config
                 losses = _elbo_term_losses(policy, config, batch, cond[samples], sample_null, advantages[samples],
                                            generator, stats)
             (losses.sum() / len(chunk)).backward()
+        processes.sum_gradients(policy.trainable_parameters())
         grad_norms.append(float(torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), config.grad_clip)))
         optimizer.step()
         policy.update_ema(ema_decay(epoch * config.optimizer_steps_per_epoch + step_in_epoch, config.ema_decay))
     steps_taken = (epoch + 1) * config.optimizer_steps_per_epoch
     policy.soft_update_old(min(config.old_decay_rate * steps_taken, config.old_decay_max))
-    row = {**stats.summary(), "grad_norm": float(np.mean(grad_norms)) if grad_norms else 0.0,
+    row = {**stats.gathered(processes).summary(), "grad_norm": float(np.mean(grad_norms)) if grad_norms else 0.0,
            "advantage_abs_mean": float(advantages.abs().mean())}
     if config.drop_zero_advantage:
         row["terms_trained"] = len(order)
@@ -399,8 +432,3 @@ def reward_summary(rewards: torch.Tensor, metas: list[dict]) -> dict:
     for tag in sorted(set(tags)):
         out[f"reward/{tag}"] = float(rewards[torch.from_numpy(tags == tag)].mean())
     return out
-
-
-def score_means(reward_fn) -> dict:
-    """`score/<name>`: the mean of each reward a MultiReward kept from its last call ({} for a plain reward)."""
-    return {f"score/{name}": float(np.mean(values)) for name, values in getattr(reward_fn, "last_scores", {}).items()}

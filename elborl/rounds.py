@@ -31,11 +31,12 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from elborl.checkpoint import read_state, write_state
+from elborl.distributed import Processes
 from elborl.evaluate import write_evaluation
 from elborl.geneval.prompts import read_jsonl
 from elborl.models import load_backbone
 from elborl.policy import Policy
-from elborl.rl import Rollout, choose_prompts, make_optimizer, reward_summary, rollout, score_means, update
+from elborl.rl import Rollout, choose_prompts, make_optimizer, reward_summary, rollout, update
 from elborl.runtime import place, precision_choice, resolve_device
 from elborl.store import ArtifactStore
 
@@ -61,16 +62,18 @@ class RunContext:
     The base model and the training prompts are artifact URIs (`base_model`, `prompts`: a stage in its own
     process or container) or objects already in memory (`backbone`, `train_metas`: a run in one process).
     Artifacts at local paths are read in place; `s3://` artifacts are fetched once into `cache` (verified
-    against their manifests) and reused by later stages of the same process or machine.
+    against their manifests) and reused by later stages of the same process or machine. `processes`: the
+    job's processes when it runs data parallel (elborl/distributed.py; default: what the launcher set up).
     """
 
     def __init__(self, run: str, params, base_model: str | None = None, prompts: str | None = None,
                  store: ArtifactStore | None = None, cache: str | Path | None = None, log=print,
-                 backbone=None, train_metas: list[dict] | None = None):
+                 backbone=None, train_metas: list[dict] | None = None, processes: Processes | None = None):
         self.run, self.params, self.base_model, self.prompts = str(run), params, base_model, prompts
         self.store = store or ArtifactStore()
         self.cache = Path(cache or Path(tempfile.gettempdir()) / "elborl-cache")
-        self.log = log
+        self.processes = processes or Processes.from_environment()
+        self.log = log if self.processes.is_main else (lambda *_: None)
         self._backbone, self._train_metas = backbone, train_metas
         self._policy, self._initial_state = None, None
         # (round, optimizer, torch RNG state) the policy in memory holds: consecutive stages in one process
@@ -78,12 +81,31 @@ class RunContext:
         self._held: tuple[int, torch.optim.Optimizer, torch.Tensor] | None = None
 
     # --- artifacts ---------------------------------------------------------------------------------
+    def publish(self, uri: str, write, meta: dict, everyone: bool = True) -> None:
+        """`write`'s artifact published at `uri` unless it already is. Under data parallelism every process
+        runs `write` (its work holds collectives; `everyone=False`: the main process's alone), the main
+        process publishes, and all wait until it has."""
+        if self.processes.world == 1:
+            self.store.publish(uri, write, meta, log=self.log)
+            return
+        if self.processes.agree(self.store.exists(uri)):
+            self.log(f"{uri}: already published, skipped")
+            return
+        if self.processes.is_main:
+            self.store.publish(uri, write, meta, log=self.log)
+        elif everyone:
+            with tempfile.TemporaryDirectory() as scratch:
+                write(Path(scratch))
+        self.processes.barrier()
+
     def local(self, uri: str) -> Path:
         """A published artifact as a local directory (s3:// ones cached by manifest digest)."""
         return self.store.local_artifact(uri, self.cache)
 
     def check_settings(self) -> None:
         """The run's settings are fixed at its first stage; a stage under other settings would mix runs."""
+        if not self.processes.is_main:
+            return
         settings = json.loads(json.dumps({"policy": asdict(self.params.policy), "rl": asdict(self.params.rl)}))
         uri = join(self.run, "run.json")
         try:
@@ -167,9 +189,12 @@ def rollout_stage(ctx: RunContext, round_index: int) -> str:
         train_metas = ctx.train_metas()
         start = time.perf_counter()
         policy, _ = ctx.policy_after(round_index - 1)
-        ro = rollout(policy, choose_prompts(train_metas, ctx.params.rl, round_index), ctx.params.rl, round_index)
+        ro = rollout(policy, choose_prompts(train_metas, ctx.params.rl, round_index), ctx.params.rl, round_index,
+                     ctx.processes)
         images = policy.backbone.to_images(ro.x0)
         seconds = time.perf_counter() - start
+        if not ctx.processes.is_main:
+            return {}
         save_file(_sample_tensors(ro), directory / "samples.safetensors")
         with open(directory / "samples.jsonl", "w") as f:
             for meta, record in zip(ro.metas, ro.records()):
@@ -179,7 +204,7 @@ def rollout_stage(ctx: RunContext, round_index: int) -> str:
             Image.fromarray(image).save(directory / "images" / f"{i:05d}.png")
         return {"seconds": seconds}
 
-    ctx.store.publish(out, write, {"round": round_index, "stage": "rollout"}, log=ctx.log)
+    ctx.publish(out, write, {"round": round_index, "stage": "rollout"})
     return out
 
 
@@ -211,15 +236,35 @@ def score_stage(ctx: RunContext, round_index: int, reward_fn) -> str:
     def write(directory: Path) -> dict:
         rollout_dir = ctx.local(round_uri(ctx.run, round_index, "rollout"))
         ro, rows = _read_rollout(rollout_dir)
+        mine = _own_samples(ctx.processes, ro.group_ids)
         start = time.perf_counter()
-        rewards = torch.as_tensor(reward_fn(read_images(rollout_dir, len(rows)), ro.metas), dtype=torch.float32)
+        own_rewards = reward_fn(read_images(rollout_dir, len(rows))[mine], ro.metas[mine])
+        rewards = ctx.processes.gather(torch.as_tensor(own_rewards, dtype=torch.float32))
+        scores = _gathered_scores(ctx.processes, getattr(reward_fn, "last_scores", {}))
         seconds = time.perf_counter() - start
         (directory / "rewards.json").write_text(json.dumps(
-            {"rewards": rewards.tolist(), **reward_summary(rewards, ro.metas), **score_means(reward_fn)}))
+            {"rewards": rewards.tolist(), **reward_summary(rewards, ro.metas),
+             **{f"score/{name}": float(np.mean(values)) for name, values in scores.items()}}))
         return {"seconds": seconds}
 
-    ctx.store.publish(out, write, {"round": round_index, "stage": "score"}, log=ctx.log)
+    ctx.publish(out, write, {"round": round_index, "stage": "score"})
     return out
+
+
+def _own_samples(processes: Processes, group_ids: list[int]) -> slice:
+    """This process's samples of a rollout: its share of the (consecutive, equally large) groups."""
+    groups = len(set(group_ids))
+    share, size = processes.group_share(groups), len(group_ids) // groups
+    return slice(share.start * size, share.stop * size)
+
+
+def _gathered_scores(processes: Processes, scores: dict) -> dict[str, list[float]]:
+    """Each reward's scores (a MultiReward's `last_scores`) over every process's samples, in sample order."""
+    merged: dict[str, list[float]] = {}
+    for share in processes.gather_objects({name: [float(v) for v in values] for name, values in scores.items()}):
+        for name, values in share.items():
+            merged.setdefault(name, []).extend(values)
+    return merged
 
 
 def update_stage(ctx: RunContext, round_index: int) -> str:
@@ -236,15 +281,17 @@ def update_stage(ctx: RunContext, round_index: int) -> str:
         start = time.perf_counter()
         metrics = {"epoch": round_index, **reward_summary(rewards, ro.metas),
                    **{k: v for k, v in scores.items() if k.startswith("score/")},
-                   **update(policy, optimizer, ro, rewards, ctx.params.rl, round_index)}
+                   **update(policy, optimizer, ro, rewards, ctx.params.rl, round_index, ctx.processes)}
         seconds = time.perf_counter() - start
-        write_state(directory, policy, optimizer, {"epoch": round_index + 1})
         ctx.hold(round_index, optimizer)
+        if not ctx.processes.is_main:
+            return {}
+        write_state(directory, policy, optimizer, {"epoch": round_index + 1})
         (directory / "metrics.json").write_text(json.dumps(metrics))
         # the metrics ride in the manifest too, so curves need no download of policy states
         return {"seconds": seconds, "metrics": metrics}
 
-    ctx.store.publish(out, write, {"round": round_index, "stage": "update"}, log=ctx.log)
+    ctx.publish(out, write, {"round": round_index, "stage": "update"})
     return out
 
 
@@ -264,8 +311,8 @@ def evaluation_stage(ctx: RunContext, rounds_done: int, evaluate_fn, result: Cal
         write_evaluation(directory, *evaluation)
         return {"summary": evaluation[0]}
 
-    ctx.store.publish(out, write, {"rounds": rounds_done, "stage": "evaluate", "train_seconds": train_seconds},
-                      log=ctx.log)
+    ctx.publish(out, write, {"rounds": rounds_done, "stage": "evaluate", "train_seconds": train_seconds},
+                everyone=False)
     return out
 
 
@@ -297,7 +344,7 @@ def run_rounds(ctx: RunContext, reward_fn, rounds: int | None = None, progress: 
     if held_out:
         evaluation_stage(ctx, 0, held_out.evaluate, held_out.initial, 0.0)
     done = start
-    bar = _progress(start, total, spent, max_train_seconds, progress)
+    bar = _progress(start, total, spent, max_train_seconds, progress and ctx.processes.is_main)
     while done < total and (max_train_seconds is None or not done or spent < max_train_seconds):
         rollout_stage(ctx, done)
         score_stage(ctx, done, reward_fn)

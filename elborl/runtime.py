@@ -6,6 +6,7 @@ instead of 1.26 s in float32 on a 2-core AVX2 CPU (batch 32). So `auto` picks bf
 """
 
 from dataclasses import dataclass
+import os
 import re
 
 import torch
@@ -34,8 +35,10 @@ def resolve_device(device: str) -> torch.device:
     """`device` as a torch device on this machine (`auto`: CUDA if present, else CPU); asking for a GPU this
     machine does not have is an error naming the setting."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     resolved = torch.device(device)
+    if resolved.type == "cuda" and resolved.index is None and "LOCAL_RANK" in os.environ:
+        resolved = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per process of a launched job
     if resolved.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (resolved.index or 0) >= count:

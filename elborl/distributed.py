@@ -1,0 +1,101 @@
+"""Data parallelism for a run in one job of several processes (`torchrun`, `accelerate launch`): which share of
+the work is this process's, and the few collectives that put the shares back together.
+
+A round splits as the method needs it (METHOD.md §2-§4): every group of G samples stays whole on one process,
+so rollouts and rewards are computed where the group was sampled and gathered before the group advantages;
+the update's micro-batches are dealt round-robin and their gradients summed over processes before each
+optimizer step, so every process takes the same step and holds the same weights; one process writes the
+artifacts. With one process every method here is the identity.
+
+The process group comes from accelerate (`PartialState`: gloo on CPU, NCCL on GPUs); the collectives are
+torch.distributed's.
+"""
+
+from dataclasses import dataclass
+import os
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among the job's `world` processes."""
+
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def from_environment(cls) -> "Processes":
+        """The job this process belongs to: one process unless a launcher set WORLD_SIZE > 1."""
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls()
+        from accelerate import PartialState
+
+        # without cpu=True accelerate sees a CPU-only job as one process (it looks for GPUs to be distributed over)
+        state = PartialState(cpu=not torch.cuda.is_available())
+        return cls(state.process_index, state.num_processes)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def local_rank(self) -> int:
+        return int(os.environ.get("LOCAL_RANK", "0")) if self.world > 1 else 0
+
+    # --- shares -------------------------------------------------------------------------------------
+    def group_share(self, groups: int) -> range:
+        """The consecutive groups this process samples and scores (equal shares; checked by `check_groups`)."""
+        per_process = groups // self.world
+        return range(self.rank * per_process, (self.rank + 1) * per_process)
+
+    def check_groups(self, groups: int) -> None:
+        if groups % self.world:
+            raise ValueError(f"rl.prompts_per_epoch ({groups}) must be a multiple of the number of processes "
+                             f"({self.world}): every process samples whole groups, the same number of them")
+
+    def owns_micro_batch(self, index: int) -> bool:
+        """Micro-batches of an optimizer step are dealt round-robin."""
+        return index % self.world == self.rank
+
+    # --- collectives (all processes call them in the same order) ------------------------------------
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every process's equally long `tensor` concatenated in rank order along dim 0."""
+        if self.world == 1:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    def gather_objects(self, value) -> list:
+        """Every process's picklable `value` in rank order (small metadata only: statistics, score lists)."""
+        if self.world == 1:
+            return [value]
+        values = [None] * self.world
+        dist.all_gather_object(values, value)
+        return values
+
+    def sum_gradients(self, parameters) -> None:
+        """Sums each parameter's gradient over processes in place (a missing gradient counts as zero)."""
+        if self.world == 1:
+            return
+        for parameter in parameters:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+            dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM)
+
+    def agree(self, value: bool) -> bool:
+        """The main process's `value`, on every process (a decision all must take alike)."""
+        if self.world == 1:
+            return value
+        flag = torch.tensor([int(value)])
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+SINGLE = Processes()
