@@ -1,4 +1,5 @@
-"""Stage: a whole RL run in one process — rounds of rollout, score and update until rl.epochs.
+"""Stage: a whole RL run in one job — rounds of rollout, score and update until rl.epochs; one process, or
+several data parallel when launched by `accelerate launch` / `torchrun` (elborl/distributed.py).
 
 The reward is params.yaml's `rewards:` section (or --reward NAME alone; --reward-url: through a reward service).
 Resumes at the first round without a published update; writes the per-round metrics to --metrics (JSONL)."""
@@ -15,6 +16,8 @@ def main(args, params) -> None:
     ctx = RunContext(args.run, params, args.base_model, args.prompts, cache=args.cache)
     with reward_from_params(params.rewards, url=args.reward_url, only=args.reward) as reward:
         done = run_rounds(ctx, reward, args.rounds)
+    if not ctx.processes.is_main:  # a data-parallel job: the main process reports and writes
+        return
     print(f"{ctx.run}: {done} rounds published")
     if args.metrics:
         Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)

@@ -76,3 +76,31 @@ def test_groups_are_split_whole_and_uneven_splits_refused():
     assert [first.owns_micro_batch(i) for i in range(3)] == [True, False, True]
     with pytest.raises(ValueError, match=r"prompts_per_epoch \(3\) must be a multiple of the number of processes"):
         first.check_groups(3)
+
+
+def test_the_train_stage_runs_data_parallel_as_launched(tmp_path):
+    """The production command's path (`accelerate launch -m stages.train`, here torchrun over gloo): published base
+    model and prompts, a params file, two processes; the same weights as the stage in one process."""
+    from test_rounds import published_inputs
+    import yaml
+
+    base, prompts = published_inputs(tmp_path, str(tmp_path / "store"))
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"policy": {"lora_rank": 4, "lora_alpha": 8}, "rl": {**SETTINGS, "epochs": 2}}))
+    common = ["-m", "stages.train", "--params", str(params), "--base-model", base, "--prompts", prompts,
+              "--reward", "jpeg_compressibility"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = HERE.parent
+    # "--" ends torchrun's options: otherwise its argparse takes the stage's --run for an abbreviation of --run-path
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "--", *common[1:], "--run", str(tmp_path / "two"), "--metrics", str(tmp_path / "two.jsonl")],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=root)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, *common, "--run", str(tmp_path / "one")], capture_output=True, text=True,
+                         timeout=600, env=env, cwd=root)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.stdout.count("2 rounds published") == 1  # one process reports
+    assert len((tmp_path / "two.jsonl").read_text().splitlines()) == 2
+    expected, got = saved_policy(tmp_path / "one", 2), saved_policy(tmp_path / "two", 2)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
