@@ -12,10 +12,14 @@ torch.distributed's.
 """
 
 from dataclasses import dataclass
+from datetime import timedelta
 import os
 
 import torch
 import torch.distributed as dist
+
+
+COLLECTIVE_TIMEOUT = timedelta(hours=3)
 
 
 @dataclass(frozen=True)
@@ -32,8 +36,10 @@ class Processes:
             return cls()
         from accelerate import PartialState
 
-        # without cpu=True accelerate sees a CPU-only job as one process (it looks for GPUs to be distributed over)
-        state = PartialState(cpu=not torch.cuda.is_available())
+        # without cpu=True accelerate sees a CPU-only job as one process (it looks for GPUs to be distributed over);
+        # the other processes wait in a collective while the main one evaluates held-out prompts, which on SD3.5-M
+        # can outlast the default 30-minute timeout
+        state = PartialState(cpu=not torch.cuda.is_available(), timeout=COLLECTIVE_TIMEOUT)
         return cls(state.process_index, state.num_processes)
 
     @property
