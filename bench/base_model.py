@@ -24,7 +24,6 @@ from elborl.config import load_params_with_overrides
 from elborl.embedded import prepare_prompts
 from elborl.evaluate import evaluate, format_table, write_evaluation
 from elborl.pretrain import ensure_base_model, pretrain
-from elborl.runtime import place
 
 
 def main() -> None:
@@ -47,8 +46,7 @@ def main() -> None:
         return project_pretraining_time(params, args.timing_steps, params.pretrain.threads)
     root = Path(params.artifacts)
     test, _ = prepare_prompts(params, root / "prompts")
-    model, path = ensure_base_model(params.base_model, params.pretrain, root / "base_model")
-    model = place(model, params.runtime)
+    model, path = ensure_base_model(params.base_model, params.pretrain, root / "base_model", runtime=params.runtime)
     log = json.loads((path / "pretrain_log.json").read_text())
     evaluation = replace(params.evaluate, images_per_prompt=args.pass_at) if args.pass_at else params.evaluate
     summary, records, images = evaluate(model, test, evaluation)

@@ -26,7 +26,6 @@ from elborl.evaluate import EvalConfig
 from elborl.geneval.prompts import with_article
 from elborl.models import load_backbone
 from elborl.pretrain import ensure_base_model
-from elborl.runtime import place
 from elborl.sampling import sample
 from elborl.shapes.detector import PaletteColorClassifier, ShapesDetector
 from elborl.shapes.world import COLORS, SHAPES
@@ -79,10 +78,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     params = load_params_with_overrides(args.params, args.set)
     if args.model:
-        model, where = load_backbone(args.model), args.model
+        model, where = load_backbone(args.model, params.runtime), args.model
     else:
-        model, where = ensure_base_model(params.base_model, params.pretrain, Path(params.artifacts) / "base_model")
-    model = place(model, params.runtime)
+        model, where = ensure_base_model(params.base_model, params.pretrain, Path(params.artifacts) / "base_model",
+                                         runtime=params.runtime)
     model.requires_grad_(False)
     report = {"model": str(where), "chance": 1 / len(COLORS), "guidance": {}}
     print(f"model {where}; chance {1 / len(COLORS):.3f}")

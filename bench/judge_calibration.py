@@ -246,12 +246,11 @@ def load_model(args):
 
     from elborl.benchmark import load_bench_params
     from elborl.pretrain import ensure_base_model
-    from elborl.runtime import place
 
     torch.set_num_threads(args.threads)
     params = load_bench_params(args.params, args.set)
-    model, base_path = ensure_base_model(params.base_model, params.pretrain, Path(params.artifacts) / "base_model")
-    model = place(model, params.runtime)
+    model, base_path = ensure_base_model(params.base_model, params.pretrain, Path(params.artifacts) / "base_model",
+                                         runtime=params.runtime)
     if not args.run:
         return model, f"base model {base_path.name}"
     sys.path.insert(0, str(Path(__file__).parent))

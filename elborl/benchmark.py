@@ -22,7 +22,6 @@ from elborl.evaluate import evaluate
 from elborl.geneval.types import TASKS
 from elborl.pretrain import ensure_base_model
 from elborl.rounds import RunContext, evaluation_uri, evaluations, round_metrics
-from elborl.runtime import place
 
 # --smoke: a tiny model, a few pretraining steps, tiny RL epochs and a 1-image, 2-step evaluation, so every
 # benchmark runs end to end in seconds (CI); only the wiring is exercised, the numbers mean nothing.
@@ -114,8 +113,8 @@ def prepare_bench(params: Params, threads: int) -> Bench:
     torch.set_num_threads(threads)
     root = Path(params.artifacts)
     test, train_set = prepare_prompts(params, root / "prompts")
-    model, path = ensure_base_model(params.base_model, params.pretrain, root / "base_model")
-    return Bench(params, threads, test, train_set, place(model, params.runtime), path)
+    model, path = ensure_base_model(params.base_model, params.pretrain, root / "base_model", runtime=params.runtime)
+    return Bench(params, threads, test, train_set, model, path)
 
 
 @dataclass

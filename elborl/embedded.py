@@ -24,7 +24,7 @@ from elborl.plots import plot_run
 from elborl.pretrain import ensure_base_model
 from elborl.rewards import reward_from_params
 from elborl.rounds import HeldOut, RunContext, evaluation_uri, evaluations, round_metrics, run_rounds
-from elborl.runtime import place, resolve_device
+from elborl.runtime import resolve_device
 
 
 def prepare_prompts(params, out_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -86,8 +86,7 @@ def main(argv=None) -> None:
 
     test, train_set = prepare_prompts(params, root / "prompts")
     print(f"prompts: {len(test)} test, {len(train_set)} train -> {root / 'prompts'}")
-    model, base_path = ensure_base_model(params.base_model, params.pretrain, root / "base_model")
-    model = place(model, params.runtime)
+    model, base_path = ensure_base_model(params.base_model, params.pretrain, root / "base_model", runtime=params.runtime)
 
     start = time.time()
     base_summary, records, images = evaluate(model, test, params.evaluate)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from elborl.geneval.prompts import describe_colours, enumerate_prompts
 from elborl.geneval.types import TASKS
 from elborl.models.shapes_model import ShapesFlowModel, ShapesModelConfig
+from elborl.runtime import place
 from elborl.sampling import from_uint8
 from elborl.shapes.render import render
 from elborl.shapes.world import SHAPES_VOCABULARY
@@ -203,8 +204,9 @@ def cache_key(model_config: ShapesModelConfig, config: PretrainConfig) -> str:
 
 
 def ensure_base_model(model_config: ShapesModelConfig, config: PretrainConfig, cache_root: str | Path,
-                      progress: bool = True, log=print) -> tuple[ShapesFlowModel, Path]:
-    """The pretrained base model for these settings: loaded from the cache, or trained and cached.
+                      progress: bool = True, log=print, runtime=None) -> tuple[ShapesFlowModel, Path]:
+    """The pretrained base model for these settings: loaded from the cache, or trained (on the CPU) and cached;
+    placed by `runtime` (a RuntimeConfig) when given.
 
     The model is written beside its final place and renamed last, so a killed run never leaves a
     half-written model that a later run would take for finished.
@@ -212,7 +214,7 @@ def ensure_base_model(model_config: ShapesModelConfig, config: PretrainConfig, c
     path = Path(cache_root) / cache_key(model_config, config)
     if (path / "pretrain_log.json").exists():
         log(f"base model: reusing {path}")
-        return ShapesFlowModel.from_pretrained(path), path
+        return place(ShapesFlowModel.from_pretrained(path), runtime), path
     log(f"base model: pretraining ({config.steps} steps of {config.batch_size}) -> {path}")
     start = time.time()
     model, losses = pretrain(model_config, config, progress, log)
@@ -223,4 +225,4 @@ def ensure_base_model(model_config: ShapesModelConfig, config: PretrainConfig, c
         {"seconds": round(time.time() - start, 1), "losses": losses, "config": asdict(config)}))
     path.parent.mkdir(parents=True, exist_ok=True)
     staging.rename(path)
-    return model, path
+    return place(model, runtime), path

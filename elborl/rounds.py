@@ -37,7 +37,7 @@ from elborl.geneval.prompts import read_jsonl
 from elborl.models import load_backbone
 from elborl.policy import Policy
 from elborl.rl import Rollout, choose_prompts, make_optimizer, reward_summary, rollout, update
-from elborl.runtime import place, precision_choice, resolve_device
+from elborl.runtime import precision_choice, resolve_device
 from elborl.store import ArtifactStore
 
 STAGES = ("rollout", "score", "update")
@@ -153,7 +153,7 @@ class RunContext:
             return self._backbone
         if self.base_model is None:
             raise ValueError("this stage needs the base model (--base-model)")
-        return place(load_backbone(self.local(self.base_model)), self.params.runtime)
+        return load_backbone(self.local(self.base_model), self.params.runtime)
 
     def forget_held_state(self) -> None:
         self._held = None

@@ -56,9 +56,12 @@ def device_present(device: str) -> bool:
     return True
 
 
-def place(backbone, runtime: RuntimeConfig):
+def place(backbone, runtime: RuntimeConfig | None):
     """The one place a backbone gets its device and runtime options: moved to `runtime.device`, TF32 set for CUDA,
-    gradient checkpointing on its denoiser when asked. Returns the backbone."""
+    gradient checkpointing on its denoiser when asked. Returns the backbone (untouched when `runtime` is None).
+    The loaders (`elborl.models.load_backbone`, `elborl.pretrain.ensure_base_model`) call it."""
+    if runtime is None:
+        return backbone
     runtime.validate()
     device = resolve_device(runtime.device)
     if device.type == "cuda":

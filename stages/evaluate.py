@@ -17,7 +17,6 @@ from elborl.policy import Policy
 from elborl.prompt_sets import PROMPT_SETS, prompt_set
 from elborl.rewards import check_reward_name, configured_reward
 from elborl.rounds import RunContext, round_uri
-from elborl.runtime import place
 from elborl.store import ArtifactStore
 from stages._common import run_stage, stage_parser
 
@@ -38,7 +37,7 @@ def main(args, params) -> None:
     store = ArtifactStore()
 
     def write(directory):
-        model = place(load_backbone(store.local_artifact(args.model, args.cache)), params.runtime)
+        model = load_backbone(store.local_artifact(args.model, args.cache), params.runtime)
         if args.prompt_set:
             metas = prompt_set(args.prompt_set)
         else:

@@ -117,3 +117,16 @@ def test_place_moves_the_backbone_and_checkpointing_keeps_the_gradient(monkeypat
     assert torch.allclose(plain, checkpointed, rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="runtime.device: 'tpu' is not a device"):
         runtime.place(ShapesFlowModel.from_config(TINY, seed=0), runtime.RuntimeConfig(device="tpu"))
+
+
+def test_the_loader_applies_the_runtime_to_what_it_loads(tmp_path):
+    """`load_backbone(directory, runtime)` places what it loads (here: gradient checkpointing switched on);
+    without a runtime the model is as saved."""
+    from conftest import TINY
+    from elborl.models import load_backbone
+    from elborl.models.shapes_model import ShapesFlowModel
+
+    ShapesFlowModel.from_config(TINY, seed=0).save_pretrained(tmp_path / "model")
+    placed = load_backbone(tmp_path / "model", runtime.RuntimeConfig(device="cpu", gradient_checkpointing=True))
+    assert placed.denoiser.is_gradient_checkpointing and placed.device.type == "cpu"
+    assert not load_backbone(tmp_path / "model").denoiser.is_gradient_checkpointing
