@@ -46,10 +46,6 @@ class Processes:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def local_rank(self) -> int:
-        return int(os.environ.get("LOCAL_RANK", "0")) if self.world > 1 else 0
-
     # --- shares -------------------------------------------------------------------------------------
     def group_share(self, groups: int) -> range:
         """The consecutive groups this process samples and scores (equal shares; checked by `check_groups`)."""
@@ -60,6 +56,12 @@ class Processes:
         if groups % self.world:
             raise ValueError(f"rl.prompts_per_epoch ({groups}) must be a multiple of the number of processes "
                              f"({self.world}): every process samples whole groups, the same number of them")
+
+    def sample_share(self, groups: int, group_size: int) -> slice:
+        """This process's samples of `groups` consecutive groups of `group_size`: its share of whole groups."""
+        self.check_groups(groups)
+        share = self.group_share(groups)
+        return slice(share.start * group_size, share.stop * group_size)
 
     def owns_micro_batch(self, index: int) -> bool:
         """Micro-batches of an optimizer step are dealt round-robin."""

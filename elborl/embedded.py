@@ -59,19 +59,13 @@ def fine_tune(model, train_set, test, params, run_dir: Path, max_train_seconds: 
     likelihood = f"{rl.weighting} ELBO" if rl.estimator == "elbo" else "trajectory log-prob"
     print(f"RL fine-tuning ({rl.recipe or 'no recipe'}): {rl.objective} + {likelihood} + {rl.steps}-step "
           f"{rl.sampler}, {rl.epochs} rounds -> {run_dir}")
-    ctx = RunContext(str(run_dir), params, backbone=model, train_metas=train_set, log=_quiet_skips)
+    ctx = RunContext(str(run_dir), params, backbone=model, train_metas=train_set)
     held_out = HeldOut(lambda backbone: evaluate(backbone, test, params.evaluate, progress=False),
                        params.eval_every, base_evaluation)
     with reward_from_params(params.rewards) as reward:
         done = run_rounds(ctx, reward, held_out=held_out, max_train_seconds=max_train_seconds)
     final = evaluation_uri(ctx.run, done)
     return ctx, final, ctx.store.read_manifest(final)["meta"]["summary"]
-
-
-def _quiet_skips(message: str) -> None:
-    """A resumed run in one process re-checks every published artifact: say what runs, not what is skipped."""
-    if not message.endswith("already published, skipped"):
-        print(message)
 
 
 def main(argv=None) -> None:

@@ -228,9 +228,7 @@ def rollout(policy: Policy, prompt_metas: list[dict], config: RLConfig, epoch: i
     group_ids = [i for i in range(len(prompt_metas)) for _ in range(config.group_size)]
     first_seed = (config.seed * 100_003 + epoch) * 10_000  # disjoint from evaluation seeds (>= 10^6 apart per run)
     seeds = [first_seed + i for i in range(len(metas))]
-    processes.check_groups(len(prompt_metas))
-    share = processes.group_share(len(prompt_metas))
-    mine = slice(share.start * config.group_size, share.stop * config.group_size)
+    mine = processes.sample_share(len(prompt_metas), config.group_size)
     prompts, own_seeds = [m["prompt"] for m in metas[mine]], seeds[mine]
     trajectory = old_log_probs = None
     with policy.weights(OLD), _autocast(policy, config.rollout_precision):
@@ -283,21 +281,17 @@ class EpochStats:
         if optimality is not None:
             self.optimality.append(optimality)
 
-    def gathered(self, processes: Processes) -> "EpochStats":
-        """The statistics over every process's terms."""
+    def gather(self, processes: Processes) -> None:
+        """Makes these the statistics over every process's terms (with one process they already are)."""
         if processes.world == 1:
-            return self
-        merged = EpochStats.__new__(EpochStats)
-        merged.objective, merged.clip_range = self.objective, self.clip_range
+            return
         shares = processes.gather_objects((self.terms, [k.cpu() for k in self.kl],
                                            [o.cpu() for o in self.optimality]))
-        merged.terms = TermStats()
-        merged.kl, merged.optimality = [], []
+        self.terms, self.kl, self.optimality = TermStats(), [], []
         for terms, kl, optimality in shares:
-            merged.terms = merged.terms.merge(terms)
-            merged.kl += kl
-            merged.optimality += optimality
-        return merged
+            self.terms = self.terms.merge(terms)
+            self.kl += kl
+            self.optimality += optimality
 
     def summary(self) -> dict:
         out = self.terms.summary(self.objective)
@@ -407,7 +401,8 @@ def update(policy: Policy, optimizer, ro: Rollout, rewards: torch.Tensor, config
         policy.update_ema(ema_decay(epoch * config.optimizer_steps_per_epoch + step_in_epoch, config.ema_decay))
     steps_taken = (epoch + 1) * config.optimizer_steps_per_epoch
     policy.soft_update_old(min(config.old_decay_rate * steps_taken, config.old_decay_max))
-    row = {**stats.gathered(processes).summary(), "grad_norm": float(np.mean(grad_norms)) if grad_norms else 0.0,
+    stats.gather(processes)
+    row = {**stats.summary(), "grad_norm": float(np.mean(grad_norms)) if grad_norms else 0.0,
            "advantage_abs_mean": float(advantages.abs().mean())}
     if config.drop_zero_advantage:
         row["terms_trained"] = len(order)

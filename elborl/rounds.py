@@ -173,10 +173,13 @@ class RunContext:
             done += 1
         return done
 
-    def round_seconds(self, round_index: int) -> dict[str, float]:
-        """Seconds each stage of a published round took (rollout, reward, update), from their manifests."""
-        return {f"seconds_{name}": self.store.read_manifest(round_uri(self.run, round_index, stage))["meta"]["seconds"]
-                for name, stage in (("rollout", "rollout"), ("reward", "score"), ("update", "update"))}
+    def round_row(self, round_index: int) -> dict:
+        """A published round's training metrics (reward, δ, KL, grad norm) and the seconds each stage took
+        (rollout, reward, update), from the stages' manifests."""
+        seconds = {f"seconds_{name}": self.store.read_manifest(round_uri(self.run, round_index, stage))["meta"]["seconds"]
+                   for name, stage in (("rollout", "rollout"), ("reward", "score"))}
+        update = self.store.read_manifest(round_uri(self.run, round_index, "update"))["meta"]
+        return {**update["metrics"], **seconds, "seconds_update": update["seconds"]}
 
 
 # --- the three stages ----------------------------------------------------------------------------------
@@ -225,8 +228,10 @@ def _read_rollout(directory: Path) -> tuple[Rollout, list[dict]]:
                    tensors.get("trajectory"), tensors.get("old_log_probs")), rows
 
 
-def read_images(directory: Path, n: int) -> np.ndarray:
-    return np.stack([np.asarray(Image.open(directory / "images" / f"{i:05d}.png").convert("RGB")) for i in range(n)])
+def read_images(directory: Path, n: int, share: slice = slice(None)) -> np.ndarray:
+    """The rollout's `n` images (or the `share` of them one process scores)."""
+    return np.stack([np.asarray(Image.open(directory / "images" / f"{i:05d}.png").convert("RGB"))
+                     for i in range(n)[share]])
 
 
 def score_stage(ctx: RunContext, round_index: int, reward_fn) -> str:
@@ -236,9 +241,10 @@ def score_stage(ctx: RunContext, round_index: int, reward_fn) -> str:
     def write(directory: Path) -> dict:
         rollout_dir = ctx.local(round_uri(ctx.run, round_index, "rollout"))
         ro, rows = _read_rollout(rollout_dir)
-        mine = _own_samples(ctx.processes, ro.group_ids)
+        groups = len(set(ro.group_ids))
+        mine = ctx.processes.sample_share(groups, len(rows) // groups)
         start = time.perf_counter()
-        own_rewards = reward_fn(read_images(rollout_dir, len(rows))[mine], ro.metas[mine])
+        own_rewards = reward_fn(read_images(rollout_dir, len(rows), mine), ro.metas[mine])
         rewards = ctx.processes.gather(torch.as_tensor(own_rewards, dtype=torch.float32))
         scores = _gathered_scores(ctx.processes, getattr(reward_fn, "last_scores", {}))
         seconds = time.perf_counter() - start
@@ -249,13 +255,6 @@ def score_stage(ctx: RunContext, round_index: int, reward_fn) -> str:
 
     ctx.publish(out, write, {"round": round_index, "stage": "score"})
     return out
-
-
-def _own_samples(processes: Processes, group_ids: list[int]) -> slice:
-    """This process's samples of a rollout: its share of the (consecutive, equally large) groups."""
-    groups = len(set(group_ids))
-    share, size = processes.group_share(groups), len(group_ids) // groups
-    return slice(share.start * size, share.stop * size)
 
 
 def _gathered_scores(processes: Processes, scores: dict) -> dict[str, list[float]]:
@@ -340,7 +339,7 @@ def run_rounds(ctx: RunContext, reward_fn, rounds: int | None = None, progress: 
     ctx.log(precision_choice(rl.rollout_precision, rl.update_precision, ctx.device_type()))
     if start:
         ctx.log(f"{ctx.run}: {start} round(s) already published, resuming at round {start}")
-    spent = sum(sum(ctx.round_seconds(r).values()) for r in range(start))
+    spent = sum(_train_seconds(ctx.round_row(r)) for r in range(start))
     if held_out:
         evaluation_stage(ctx, 0, held_out.evaluate, held_out.initial, 0.0)
     done = start
@@ -349,11 +348,10 @@ def run_rounds(ctx: RunContext, reward_fn, rounds: int | None = None, progress: 
         rollout_stage(ctx, done)
         score_stage(ctx, done, reward_fn)
         update_stage(ctx, done)
-        seconds = sum(ctx.round_seconds(done).values())
-        spent, done = spent + seconds, done + 1
-        bar.update(seconds / 60 if max_train_seconds is not None else 1)
-        metrics = ctx.store.read_manifest(round_uri(ctx.run, done - 1, "update"))["meta"]["metrics"]
-        bar.set_postfix(round=done, reward=f"{metrics['reward_mean']:.3f}")
+        row = ctx.round_row(done)
+        spent, done = spent + _train_seconds(row), done + 1
+        bar.update(_train_seconds(row) / 60 if max_train_seconds is not None else 1)
+        bar.set_postfix(round=done, reward=f"{row['reward_mean']:.3f}")
         if held_out and held_out.every and done % held_out.every == 0:
             evaluation_stage(ctx, done, held_out.evaluate, train_seconds=spent)
     bar.close()
@@ -373,16 +371,19 @@ def _progress(start: int, total: int, spent: float, max_train_seconds: float | N
                 disable=not enabled)
 
 
-def round_metrics(ctx: RunContext, first: int = 0) -> list[dict]:
-    """Every completed round's training metrics from `first` on (reward, δ, KL, grad norm, seconds per stage and
-    the training seconds summed up to the round's end), in round order."""
+def _train_seconds(row: dict) -> float:
+    """A round's training seconds: rollout + reward + update (held-out evaluations are not training)."""
+    return row["seconds_rollout"] + row["seconds_reward"] + row["seconds_update"]
+
+
+def round_metrics(ctx: RunContext) -> list[dict]:
+    """Every completed round's training metrics (reward, δ, KL, grad norm, seconds per stage and the training
+    seconds summed up to the round's end), in round order."""
     rows, spent = [], 0.0
     for r in range(ctx.completed_rounds()):
-        seconds = ctx.round_seconds(r)
-        spent += sum(seconds.values())
-        if r >= first:
-            metrics = ctx.store.read_manifest(round_uri(ctx.run, r, "update"))["meta"]["metrics"]
-            rows.append({**metrics, **seconds, "train_seconds": spent})
+        row = ctx.round_row(r)
+        spent += _train_seconds(row)
+        rows.append({**row, "train_seconds": spent})
     return rows
 
 
