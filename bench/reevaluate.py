@@ -7,7 +7,10 @@ GenEval's 4 images per prompt (244 held-out images) move the overall score by ab
 16 per prompt (976 images) measure a run's end point, and the base model's, four times as precisely. Each run's
 last published round (or, with `--epoch N`, the state after N rounds) is loaded onto the cached base model of
 `params.yaml` with the `--set` overrides (a run recorded with another base is refused) and its EMA weights (or, with
-`--weights current`, θ itself) are evaluated with the evaluation's sampler and seeds.
+`--weights current`, θ itself) are evaluated with the evaluation's sampler and seeds. Every overall score comes
+with its 95% interval (prompts resampled within tasks) and, when the base model is evaluated too, each run's gain
+over it as a paired difference on the same prompts and seeds; `--out FILE.json` keeps every image's verdict, so
+runs evaluated in other sittings can be paired later (elborl.stats.paired_difference).
 """
 
 from contextlib import nullcontext
@@ -24,6 +27,7 @@ from elborl.checkpoint import read_state
 from elborl.evaluate import evaluate, format_table
 from elborl.policy import Policy
 from elborl.pretrain import cache_key
+from elborl.stats import bootstrap_overall, paired_difference
 from elborl.rounds import RunContext, round_metrics, round_uri
 
 
@@ -75,8 +79,8 @@ def main(argv=None) -> None:
                              "rl.ema_decay / (1 - rl.ema_decay) optimizer steps")
     parser.add_argument("--epoch", type=int, default=None,
                         help="the policy after this many rounds instead of after the last")
-    parser.add_argument("--skip-base", action="store_true",
-                        help="evaluate only the runs (the base model's 16-image score is in the README: 0.432)")
+    parser.add_argument("--skip-base", action="store_true", help="evaluate only the runs (no paired gains)")
+    parser.add_argument("--out", default=None, help="write every summary and per-image verdict to this JSON file")
     args = parser.parse_args(argv)
     if args.images_per_prompt < 1:
         parser.error(f"--images-per-prompt must be >= 1, got {args.images_per_prompt}")
@@ -94,15 +98,38 @@ def main(argv=None) -> None:
     bench = prepare_bench(params, args.threads)
     print(f"evaluating {'' if args.skip_base else 'the base model, then '}{len(args.runs)} run(s), "
           f"{args.images_per_prompt} images per test prompt")
-    summaries = {} if args.skip_base else {"base": evaluate(bench.base_model, bench.test, evaluation)[0]}
+    results = {} if args.skip_base else {"base": evaluate(bench.base_model, bench.test, evaluation)[:2]}
     for run in args.runs:
         policy, state = load_run_policy(run, bench.base_model, params, args.epoch)
         with evaluated_weights(policy, args.weights), torch.no_grad():
-            summary = evaluate(policy.backbone, bench.test, evaluation)[0]
-        label = f"{run.rstrip('/').split('/')[-1]} @ {state['train_seconds'] / 60:.1f} min ({args.weights})"
-        summaries[label] = summary
-        print(f"{label}: {summary['overall']:.3f} (epoch {state['epoch']})", flush=True)
-    print(f"\n{args.images_per_prompt} images per test prompt\n" + format_table(summaries))
+            results[run] = evaluate(policy.backbone, bench.test, evaluation)[:2]
+        print(f"{run}: {results[run][0]['overall']:.3f} (epoch {state['epoch']}, "
+              f"{state['train_seconds'] / 60:.1f} training minutes, {args.weights} weights)", flush=True)
+    print(f"\n{args.images_per_prompt} images per test prompt\n"
+          + format_table({label: summary for label, (summary, _) in results.items()}))
+    print("\n" + uncertainty_lines(results))
+    if args.out:
+        Path(args.out).write_text(json.dumps({label: {"summary": summary, "records": verdicts(records)}
+                                              for label, (summary, records) in results.items()}))
+        print(f"written: {args.out}")
+
+
+def verdicts(records: list[dict]) -> list[dict]:
+    """What pairing needs of each image: its prompt, task, seed and strict verdict."""
+    return [{key: record[key] for key in ("prompt", "tag", "seed", "correct")} for record in records]
+
+
+def uncertainty_lines(results: dict[str, tuple[dict, list[dict]]]) -> str:
+    """Each overall score with its 95% interval, and each run's paired gain over the base model when present."""
+    lines = []
+    for label, (summary, records) in results.items():
+        low, high = bootstrap_overall(records)
+        line = f"{label}: overall {summary['overall']:.3f} ({low:.3f}-{high:.3f})"
+        if label != "base" and "base" in results:
+            gain = paired_difference(records, results["base"][1])
+            line += f", gain over base {gain['difference']:+.3f} ({gain['low']:+.3f} to {gain['high']:+.3f})"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

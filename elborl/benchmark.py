@@ -22,6 +22,7 @@ from elborl.evaluate import evaluate
 from elborl.geneval.types import TASKS
 from elborl.pretrain import ensure_base_model
 from elborl.rounds import RunContext, evaluation_uri, evaluations, round_metrics
+from elborl.runtime import cpu_description
 
 # --smoke: a tiny model, a few pretraining steps, tiny RL epochs and a 1-image, 2-step evaluation, so every
 # benchmark runs end to end in seconds (CI); only the wiring is exercised, the numbers mean nothing.
@@ -161,6 +162,10 @@ class RunResult:
 
 
 SETTINGS_FILE, DONE_FILE = "bench_settings.json", "bench_done.json"
+# A finished run's record: its evaluations and per-round rows, and the machine it trained on. With the settings
+# and done files it is all a table needs (kilobytes, where the run is a hundred megabytes), so records can be
+# kept in the repository and read back by a later sitting on another machine as finished runs.
+RECORD_FILE = "bench_record.json"
 
 
 TRAIN_PROMPTS = ("train", "test")
@@ -198,6 +203,8 @@ def run_or_reuse(bench: Bench, params: Params, run_dir: str | Path, budget: Budg
     fine_tune(copy.deepcopy(bench.base_model), train_set, bench.test, budget.apply(params), run_dir,
               max_train_seconds=budget.max_train_seconds, base_evaluation=bench.base_evaluation)
     result = collect_run(run_dir, label)
+    (run_dir / RECORD_FILE).write_text(json.dumps({"machine": cpu_description(), "evals": result.evals,
+                                                   "metrics": result.metrics}))
     (run_dir / DONE_FILE).write_text(json.dumps({"epochs": result.epochs, "train_seconds": result.train_seconds,
                                                  "final_overall": result.final["overall"]}))
     return result
@@ -217,6 +224,11 @@ def provenance(runs: list[RunResult], threads: int) -> str:
 
 
 def collect_run(run_dir: str | Path, label: str, reused: bool = False) -> RunResult:
+    """A run's evaluations and rows: from its record when it has one (it may hold nothing else), else its rounds."""
+    record = Path(run_dir) / RECORD_FILE
+    if record.exists():
+        data = json.loads(record.read_text())
+        return RunResult(label, Path(run_dir), data["evals"], data["metrics"], reused)
     ctx = RunContext(str(run_dir), None)
     return RunResult(label, Path(run_dir), evaluations(ctx), round_metrics(ctx), reused)
 

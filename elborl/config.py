@@ -1,36 +1,55 @@
 """`params.yaml` → typed, validated settings. Unknown keys and bad values fail loudly, naming the key.
 
-RL methods are presets: `recipes:` maps a method's name to its rl settings (METHOD.md §3-§6), and
+The schema is the section classes (`@section`, elborl/settings.py): PromptsConfig and Params here, the others
+beside the code that reads them. It is the one source of each setting's type, default, range and description;
+params.yaml lists the settings the embedded default runs with (tests/test_config.py keeps the two in agreement),
+and docs/configuration.md is written from the schema: `python -m elborl.config --reference`.
+
+RL methods are presets: `recipes:` maps a method's name to its rl settings (docs/method.md), and
 `rl.recipe: NAME` lays that preset under the keys written in `rl:` (a key written there wins, so one
 setting of a method can be varied, e.g. `-S rl.kl_beta=1e-3`). Every preset is validated on its own.
 """
 
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import field, fields
 from pathlib import Path
-import typing
+from typing import Annotated, Any
+import argparse
+import re
 
 import yaml
+from pydantic import Field
 
 from elborl.evaluate import EvalConfig
-from elborl.models.shapes_model import RESNET_TIME_SCALE_SHIFTS, ShapesModelConfig
-from elborl.policy import FINETUNE_MODES, PolicyConfig
-from elborl.geneval.types import TASKS
-from elborl.pretrain import LR_SCHEDULES, TIME_SAMPLINGS, PretrainConfig
+from elborl.models.shapes_model import ShapesModelConfig
+from elborl.policy import PolicyConfig
+from elborl.pretrain import PretrainConfig
 from elborl.rewards import RewardsConfig
 from elborl.rl import RLConfig
 from elborl.runtime import RuntimeConfig, device_present, resolve_device
-from elborl.sampling import ODE_SAMPLERS
+from elborl.settings import Bool, Int, Str, build, rules_of, section, type_name
 
 
-@dataclass
+@section("prompts")
 class PromptsConfig:
-    train_per_task: int = 1000  # capped by what the world has left after removing the test prompts
-    train_seed: int = 1
-    coloured_variants: bool = False  # add the colour-named counting and position prompts (geneval/prompts.py)
+    """The shapes world's training prompts (elborl/geneval/prompts.py). The held-out test prompts are fixed and
+    never among them."""
+
+    train_per_task: Annotated[Int, Field(gt=0, description=(
+        "Training prompts per GenEval task, capped by what the world has left after removing the test prompts "
+        "(single_object has none left)."
+    ))] = 1000
+    train_seed: Annotated[Int, Field(ge=0, description="The seed that picks the training prompts.")] = 1
+    coloured_variants: Annotated[Bool, Field(description=(
+        "Add the colour-named counting and position prompts (\"four red circles\"): the test set leaves counting 3 "
+        "colour-free training prompts (none with \"four\") and position 12; with the variants the held-out score "
+        "rose faster (docs/experiments/2026-12-03-coloured-training-variants.md)."
+    ))] = True
 
 
-@dataclass
+@section("")
 class Params:
+    """Every setting of a run: one section per part of the job, and the keys of this top level."""
+
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     base_model: ShapesModelConfig = field(default_factory=ShapesModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -39,94 +58,21 @@ class Params:
     rl: RLConfig = field(default_factory=RLConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    recipes: dict = field(default_factory=dict)  # name -> rl settings (already applied to `rl` by `rl.recipe`)
-    eval_every: int = 10  # RL epochs between held-out evaluations of the EMA policy (0 = only at the end)
-    artifacts: str = "artifacts"
+    recipes: Annotated[dict[Str, dict[Str, Any]], Field(description=(
+        "RL methods as presets: {name: rl settings}, each validated as an `rl:` section on its own; `rl.recipe` "
+        "picks one (already laid under `rl` once the settings are loaded)."
+    ))] = field(default_factory=dict)
+    eval_every: Annotated[Int, Field(ge=0, description=(
+        "RL epochs between held-out evaluations of the EMA policy, which also run before training and after the "
+        "last epoch (0: only those)."
+    ))] = 15
+    artifacts: Annotated[Str, Field(description=(
+        "The main job's directory: its prompts, base-model cache, RL run and evaluations (elborl/embedded.py)."
+    ))] = "artifacts"
 
 
 class ParamsError(ValueError):
     pass
-
-
-def _convert(value, kind, where: str):
-    origin = typing.get_origin(kind)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ParamsError(f"{where}: expected a list, got {value!r}")
-        return tuple(_convert(v, typing.get_args(kind)[0], f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ParamsError(f"{where}: expected a mapping, got {value!r}")
-        key_kind, value_kind = typing.get_args(kind)
-        return {_convert(k, key_kind, f"{where} (key {k!r})"): _convert(v, value_kind, f"{where}.{k}")
-                for k, v in value.items()}
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if kind is float and isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if kind in (int, str, bool) and type(value) is kind:
-        return value
-    raise ParamsError(f"{where}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
-
-
-def _build(cls, raw, where: str):
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{where}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ParamsError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(known)}")
-    values = {}
-    for name, value in raw.items():
-        kind, key = hints[name], f"{where}.{name}" if where else name
-        values[name] = _build(kind, value, key) if is_dataclass(kind) else _convert(value, kind, key)
-    return cls(**values)
-
-
-def _check(params: Params) -> None:
-    positive = {"prompts.train_per_task": params.prompts.train_per_task,"pretrain.steps": params.pretrain.steps, "pretrain.batch_size": params.pretrain.batch_size,
-                "pretrain.threads": params.pretrain.threads,
-                "pretrain.lr": params.pretrain.lr, "evaluate.steps": params.evaluate.steps,
-                "evaluate.images_per_prompt": params.evaluate.images_per_prompt}
-    for key, value in positive.items():
-        if value <= 0:
-            raise ParamsError(f"{key} must be > 0, got {value}")
-    if params.pretrain.lr_schedule not in LR_SCHEDULES:
-        raise ParamsError(f"pretrain.lr_schedule: unknown schedule {params.pretrain.lr_schedule!r}; expected one of {LR_SCHEDULES}")
-    weights = params.pretrain.task_weights
-    if set(weights) - set(TASKS) or any(w < 0 for w in weights.values()) or (weights and not any(
-            weights.get(task, 1.0) > 0 for task in TASKS)):
-        raise ParamsError(f"pretrain.task_weights: expected weights >= 0, not all 0, for tasks among {TASKS}; "
-                          f"got {weights}")
-    if not 0.0 <= params.pretrain.colour_captions <= 1.0:
-        raise ParamsError(f"pretrain.colour_captions: expected a share in [0, 1], got {params.pretrain.colour_captions}")
-    if params.pretrain.time_sampling not in TIME_SAMPLINGS:
-        raise ParamsError(f"pretrain.time_sampling: unknown sampling {params.pretrain.time_sampling!r}; "
-                          f"expected one of {TIME_SAMPLINGS}")
-    if params.evaluate.sampler not in ODE_SAMPLERS:
-        raise ParamsError(f"evaluate.sampler: unknown sampler {params.evaluate.sampler!r}; expected one of {ODE_SAMPLERS}")
-    try:
-        params.rl.validate()
-        params.runtime.validate()
-    except ValueError as error:
-        raise ParamsError(str(error)) from None
-    try:
-        params.rewards.validate()
-    except ValueError as error:
-        raise ParamsError(str(error)) from None
-    if params.policy.finetune not in FINETUNE_MODES:
-        raise ParamsError(f"policy.finetune: unknown mode {params.policy.finetune!r}; expected one of {FINETUNE_MODES}")
-    if params.eval_every < 0:
-        raise ParamsError(f"eval_every must be >= 0, got {params.eval_every}")
-    if params.base_model.resnet_time_scale_shift not in RESNET_TIME_SCALE_SHIFTS:
-        raise ParamsError(f"base_model.resnet_time_scale_shift: expected one of {RESNET_TIME_SCALE_SHIFTS}, got "
-                          f"{params.base_model.resnet_time_scale_shift!r}")
-    if any(c % 32 for c in params.base_model.channels):
-        raise ParamsError(f"base_model.channels must be multiples of 32 (group norm), got {params.base_model.channels}")
 
 
 def _parse_recipes(raw) -> dict[str, dict]:
@@ -140,7 +86,7 @@ def _parse_recipes(raw) -> dict[str, dict]:
         if "recipe" in settings:
             raise ParamsError(f"{where}: a recipe cannot name another recipe")
         try:
-            _build(RLConfig, settings, where).validate()
+            build(RLConfig, settings, where).validate()
         except ValueError as error:
             message = str(error)
             raise ParamsError(message if message.startswith(where) else f"{where}: {message}") from None
@@ -159,51 +105,162 @@ def apply_recipe(rl: dict, recipes: dict[str, dict]) -> dict:
 
 def parse_params(raw: dict | None, source: str = "params") -> Params:
     try:
-        raw = raw or {}
-        recipes = {}
-        if isinstance(raw, dict):
-            raw = dict(raw)
-            recipes = _parse_recipes(raw.pop("recipes", None) or {})
-            if isinstance(raw.get("rl"), dict):
-                raw["rl"] = apply_recipe(raw["rl"], recipes)
-        params = _build(Params, raw, "")
+        raw = {} if raw is None else raw
+        if not isinstance(raw, dict):
+            raise ParamsError(f"expected a mapping of settings, got {raw!r}")
+        raw = dict(raw)
+        recipes = _parse_recipes(raw.pop("recipes", None) or {})
+        if isinstance(raw.get("rl"), dict):
+            raw["rl"] = apply_recipe(raw["rl"], recipes)
+        params = build(Params, raw)
         params.recipes = recipes
-        _check(params)
+        params.rl.validate()  # the rules that tie settings together; each setting's own ran in `build`
+        params.rewards.validate()
         # `auto` precisions become what the run's device computes natively, so a run's recorded settings say what
         # ran; settings naming a GPU this machine lacks (read here, run elsewhere) keep `auto` until they run
         if device_present(params.runtime.device):
             params.rl = params.rl.with_precisions_for(resolve_device(params.runtime.device).type)
-    except ParamsError as error:
+    except ValueError as error:  # ParamsError, SettingsError, and the sections' validate()
         raise ParamsError(f"{source}: {error}") from None
     return params
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    path = Path(path)
+def _read_params_file(path: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"parameters file {path} not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ParamsError(f"{path}: not valid YAML: {error}") from None
-    return parse_params(raw, str(path))
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    return load_params_with_overrides(path, [])
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Sets one dotted `key=value` override (the value read as YAML) in the raw settings, in place."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ParamsError(f"override {item!r}: expected key=value, e.g. rl.lr=1e-3")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise ParamsError(f"{key}: the value {value!r} is not valid YAML") from None
+    *parents, leaf = key.split(".")
+    node = raw
+    for depth, part in enumerate(parents):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):  # e.g. rl.lr.x=1: the override would descend into a value
+            raise ParamsError(f"{key}: {'.'.join(parents[:depth + 1])} is a value, not a section")
+    node[leaf] = parsed
+
+
+def add_params_options(parser, default: str = "params.yaml") -> None:
+    """--params and --set for the main job and the stages. They read the settings with
+    load_params_with_overrides(args.params, args.set), as the benchmarks do, so --set means the same everywhere."""
+    parser.add_argument("--params", default=default, help=f"settings file (default: {default})")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting of the params file (dotted key, value read as YAML), "
+                        "e.g. --set rl.lr=1e-3 --set rl.epochs=5; repeatable")
 
 
 def load_params_with_overrides(path: str | Path, overrides: list[str]) -> Params:
     """`params.yaml` with dotted `key=value` overrides (values read as YAML), e.g. `rl.lr=1e-3`."""
     path = Path(path)
-    raw = yaml.safe_load(path.read_text()) if path.exists() else None
-    if raw is None and path.exists():
-        raw = {}
-    elif raw is None:
-        raise FileNotFoundError(f"parameters file {path} not found")
+    raw = _read_params_file(path)
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of settings, got {raw!r}")
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ParamsError(f"override {item!r}: expected key=value")
-        *parents, leaf = key.split(".")
-        node = raw
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        apply_override(raw, item)
     return parse_params(raw, f"{path} with {overrides}" if overrides else str(path))
+
+
+# --- the configuration reference (docs/configuration.md) ------------------------------------------
+PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def _yaml(value) -> str:
+    """A default as it is written in params.yaml."""
+    if isinstance(value, tuple):
+        value = list(value)
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6, allow_unicode=True).strip()
+    return text.removesuffix("\n...").strip()
+
+
+def _cell(text: str) -> str:
+    """Table-cell text: pipes escaped, `docs/...` paths as links relative to docs/."""
+    text = " ".join(text.split()).replace("|", "\\|")
+    return re.sub(r"docs/([\w./-]+\.md)", r"[\1](\1)", text)
+
+
+def _table(cls) -> list[str]:
+    rows = ["| key | type | default | allowed | description |", "|---|---|---|---|---|"]
+    for f in fields(cls):
+        info = cls.__pydantic_fields__[f.name]
+        if type_name(info.annotation) == "section":
+            continue
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        rows.append(f"| `{f.name}` | {type_name(info.annotation)} | `{_yaml(default)}` | "
+                    f"{_cell('; '.join(rules_of(info)))} | {_cell(info.description or '')} |")
+    return rows
+
+
+def _schema_name(cls) -> str:
+    module = "elborl.config" if cls.__module__ == "__main__" else cls.__module__  # python -m elborl.config
+    return f"{module}.{cls.__qualname__}"
+
+
+def reference(params_file: str | Path = PARAMS_FILE) -> str:
+    """The configuration reference, every section and key with its type, default, range and description, written
+    from the schema (and the presets of `recipes:` in `params_file`)."""
+    lines = ["# Configuration reference", "",
+             "<!-- Generated from the settings' schema by `python -m elborl.config --reference > "
+             "docs/configuration.md`; tests/test_config.py fails when it is out of date. Edit the schema "
+             "(the section classes named below), not this page. -->", "",
+             "Settings are read from `params.yaml` (the embedded default's, every key written out) or another file "
+             "given with `--params`; `--set KEY=VALUE` (the main job, the stages, the benchmarks) and "
+             "`dvc exp run -S KEY=VALUE` override one setting. A key left out takes the default below. An unknown "
+             "key or a value outside its range stops the job before any work, naming the key, e.g. "
+             "`rl.lr: must be > 0, got -1`.", "",
+             "Types are YAML's: an int is written without a dot, a float may be (`1e-3` and `0.001` alike), a list "
+             "as `[a, b]` and a mapping as `{key: value}`.", "",
+             "## Top level", "", f"Schema: `{_schema_name(Params)}`.", "", *_table(Params)]
+    for f in fields(Params):
+        cls = Params.__pydantic_fields__[f.name].annotation
+        if type_name(cls) != "section":
+            continue
+        lines += ["", f"## `{f.name}`", "", _cell(cls.__doc__ or ""), "",
+                  f"Schema: `{_schema_name(cls)}`.", "", *_table(cls)]
+    recipes = (yaml.safe_load(Path(params_file).read_text()) or {}).get("recipes") or {}
+    if recipes:
+        lines += ["", "## The presets of `recipes:` in params.yaml", "",
+                  "Each is a set of `rl:` settings, validated as such; `rl.recipe: NAME` lays it under the keys "
+                  "written in `rl:`, which win. params.yaml picks `elbo`. Keys a preset leaves out take the "
+                  "defaults above.", "", "| recipe | settings |", "|---|---|"]
+        lines += [f"| `{name}` | " + ", ".join(f"`{key}: {_yaml(value)}`" for key, value in settings.items()) + " |"
+                  for name, settings in recipes.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m elborl.config", description="The settings' schema.")
+    parser.add_argument("--reference", action="store_true",
+                        help="print the configuration reference (docs/configuration.md) to stdout")
+    parser.add_argument("--params", default=str(PARAMS_FILE), help="the file whose recipes the reference lists")
+    parser.add_argument("--check", metavar="FILE", help="load FILE and say whether its settings are valid")
+    args = parser.parse_args(argv)
+    if args.reference:
+        print(reference(args.params), end="")
+    elif args.check:
+        try:
+            load_params(args.check)
+        except (FileNotFoundError, ParamsError) as error:
+            parser.exit(1, f"{error}\n")
+        print(f"{args.check}: valid")
+    else:
+        parser.print_help()
+
+
+if __name__ == "__main__":
+    main()

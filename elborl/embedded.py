@@ -1,6 +1,6 @@
 """The main job on the embedded default: prompts -> base model (cached) -> RL fine-tuning -> evaluation.
 
-    python -m elborl.embedded [--params params.yaml] [--skip-rl]
+    python -m elborl.embedded [--params params.yaml] [--set KEY=VALUE ...] [--skip-rl]     (or: elborl run ...)
 
 Every phase resumes: the base model is cached by its settings, the RL run by its settings too (a killed run
 continues at its first unpublished round), and the final table compares the base model with the EMA policy.
@@ -13,15 +13,17 @@ from typing import Callable
 import argparse
 import hashlib
 import json
+import sys
 import time
 
 import torch
 
-from elborl.config import load_params
+from elborl.config import ParamsError, add_params_options, load_params_with_overrides
 from elborl.evaluate import evaluate, format_table, write_evaluation
 from elborl.geneval.prompts import shapes_test_set, shapes_train_set, write_jsonl
 from elborl.plots import plot_run
 from elborl.pretrain import ensure_base_model
+from elborl.report import write_run_report
 from elborl.rewards import reward_from_params
 from elborl.rounds import HeldOut, RunContext, evaluation_uri, evaluations, round_metrics, run_rounds
 from elborl.runtime import resolve_device
@@ -68,14 +70,24 @@ def fine_tune(model, train_set, test, params, run_dir: Path, max_train_seconds: 
     return ctx, final, ctx.store.read_manifest(final)["meta"]["summary"]
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--threads", type=int, default=2)
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """`prog` names the command in usage lines: `elborl run` when run through elborl.cli."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_params_options(parser)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--skip-rl", action="store_true", help="only pretrain (or reuse) and evaluate the base model")
+    return parser
+
+
+def main(argv=None, prog: str | None = None) -> None:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    params = load_params(args.params)
+    try:
+        params = load_params_with_overrides(args.params, args.set)
+    except (FileNotFoundError, ParamsError) as error:  # a settings mistake: one line, not a traceback
+        sys.exit(f"{parser.prog}: error: {error}")
     root = Path(params.artifacts)
 
     test, train_set = prepare_prompts(params, root / "prompts")
@@ -94,12 +106,15 @@ def main(argv=None) -> None:
                                                         base_evaluation=lambda: (base_summary, records, images))
         written["fine-tuned"] = {"scores": ctx.local(final) / "scores.json", "grid": ctx.local(final) / "grid.png"}
         curves = plot_run(round_metrics(ctx), evaluations(ctx), run_dir / "curves.png")
+        report = write_run_report(ctx, run_dir / "report.html", base_model=str(base_path),
+                                  prompts=str(root / "prompts"))
 
     print("\nshapes-GenEval (strict), held-out test prompts\n" + format_table(summaries))
     for name, paths in written.items():
         print(f"{name:>10}: scores {paths['scores']}  grid {paths['grid']}")
     if not args.skip_rl:
         print(f"    curves: {curves}\n       run: {run_dir} (round-*/ artifacts, evals/)")
+        print(f"    report: {report} (open it in a browser)")
 
 
 if __name__ == "__main__":

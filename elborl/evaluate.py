@@ -3,27 +3,36 @@
 `evaluate` gives GenEval's strict score (a `correct` verdict per image); `evaluate_metrics` any set of metrics
 (reward callables) per task. Both sample through `sample_images` and write through `write_evaluation`."""
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 import json
 
 import numpy as np
 from PIL import Image, ImageDraw
+from pydantic import Field
 
 from elborl.geneval.scoring import GenEvalScorer, summarize
-from elborl.sampling import sample
+from elborl.sampling import ODE_SAMPLERS, sample
+from elborl.settings import Float, Int, OneOf, Str, section
 from elborl.shapes.detector import PaletteColorClassifier, ShapesDetector
 
 
-@dataclass
+@section("evaluate")
 class EvalConfig:
-    images_per_prompt: int = 4
-    sampler: str = "euler"
-    steps: int = 20
-    guidance: float = 1.0
-    shift: float = 3.0
-    seed: int = 1_000_000  # evaluation seeds never overlap rollout seeds
-    batch_size: int = 128
+    """The held-out evaluation (docs/embedded-default.md, "Evaluation"): `images_per_prompt` images of every test
+    prompt, one seed each, scored by GenEval's strict verdict."""
+
+    images_per_prompt: Annotated[Int, Field(gt=0, description="Images per prompt (GenEval draws 4).")] = 4
+    sampler: Annotated[Str, OneOf(ODE_SAMPLERS, "sampler"), Field(description="The ODE sampler.")] = "euler"
+    steps: Annotated[Int, Field(gt=0, description="Sampler steps.")] = 20
+    guidance: Annotated[Float, Field(ge=0, allow_inf_nan=False, description=(
+        "Classifier-free guidance; 1.0 = CFG off (docs/experiments/2026-12-04-guidance.md)."
+    ))] = 1.0
+    shift: Annotated[Float, Field(gt=0, description="The time-schedule shift of the sampler.")] = 3.0
+    seed: Annotated[Int, Field(ge=0, description=(
+        "The first image's seed, then one more per image; far above rollout seeds, so the two never overlap."
+    ))] = 1_000_000
+    batch_size: Annotated[Int, Field(gt=0, description="Images per forward pass: memory and speed, not results.")] = 128
 
 
 def shapes_scorer() -> GenEvalScorer:

@@ -46,7 +46,8 @@ def elbo_times(times: Tensor, n_samples: int, generator: torch.Generator, fracti
 
     `min_time`, `max_time` (ours, not the recipe's; 0 and 1 = every time, as §2) draw the K times among the sampler
     times in [min_time, max_time] only (K is capped at their number): on the shapes world the terms below t ~ 0.6
-    carry almost none of the gradient's signal across rollouts (README, "Where the signal is").
+    carry almost none of the gradient's signal across rollouts (docs/experiments/2026-12-04-signal-along-the-
+    schedule.md, since overturned: docs/experiments/2026-12-07-method-fidelity.md).
 
     Returns n_samples x K; each row holds K distinct entries of `times` (distinct positions, so distinct values when
     the times are). K is at least 1. Deterministic given the generator's state.

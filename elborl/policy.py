@@ -7,14 +7,16 @@ networks as separate copies.
 """
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from typing import Annotated
 import copy
 import warnings
 
 import torch
 from peft import LoraConfig
+from pydantic import Field
 
 from elborl.sampling import guided_velocity
+from elborl.settings import Int, OneOf, Str, section
 
 CURRENT, OLD, REFERENCE = "current", "old", "reference"
 FINETUNE_MODES = ("lora", "full")
@@ -24,13 +26,31 @@ SD3_LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
-@dataclass
+# PolicyConfig.lora_targets' default (its description says why)
+SHAPES_LORA_TARGETS = UNET_LORA_TARGETS + ("conv1", "conv2", "time_emb_proj", "linear_1", "linear_2")
+
+
+@section("policy")
 class PolicyConfig:
-    finetune: str = "lora"
-    lora_rank: int = 8
-    lora_alpha: int = 16
-    lora_targets: tuple[str, ...] = UNET_LORA_TARGETS
-    seed: int = 0  # the LoRA initialisation: a stage in another process must rebuild the same initial policy
+    """The policies (docs/method.md, "The policies"): with LoRA, current and old are two adapters on one copy of
+    the base weights and the reference is the adapters switched off; full fine-tuning keeps copies."""
+
+    finetune: Annotated[Str, OneOf(FINETUNE_MODES, "mode"), Field(description=(
+        "lora: LoRA adapters on `lora_targets`; full: every weight of the denoiser (small models only)."
+    ))] = "lora"
+    lora_rank: Annotated[Int, Field(gt=0, description="The adapters' rank r.")] = 8
+    lora_alpha: Annotated[Int, Field(gt=0, description="The adapters' α (their update is scaled by α / r).")] = 16
+    lora_targets: Annotated[tuple[Str, ...], Field(min_length=1, description=(
+        "The denoiser's module names that get adapters. The default: the shapes UNet's attention projections plus "
+        "its ResNet convs, their time-embedding projections and the pooled-text/time embedding MLPs, 296k trainable "
+        "parameters instead of attention-only 96k; in this small UNet most of the computation is outside "
+        "attention, and attention-only adapters did not raise the held-out score "
+        "(docs/experiments/2026-11-30-rl-recipe-sweep.md). SD3's: the 8 attention projections of its joint blocks "
+        "(configs/sd35m-geneval.yaml)."
+    ))] = SHAPES_LORA_TARGETS
+    seed: Annotated[Int, Field(ge=0, description=(
+        "The LoRA initialisation: a stage in another process must rebuild the same initial policy."
+    ))] = 0
 
 
 class Policy:

@@ -4,8 +4,9 @@ x_t = (1 - t) x0 + t eps, target velocity eps - x0 (METHOD.md §0); t is logit-n
 optionally shifted toward noise like the sampling schedule.
 """
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from pathlib import Path
+from typing import Annotated
 import contextlib
 import copy
 import hashlib
@@ -17,46 +18,77 @@ import time
 
 import numpy as np
 import torch
+from pydantic import Field
 from tqdm.auto import tqdm
 
 from elborl.geneval.prompts import describe_colours, enumerate_prompts
 from elborl.geneval.types import TASKS
 from elborl.models.shapes_model import ShapesFlowModel, ShapesModelConfig
-from elborl.runtime import place
+from elborl.runtime import cpu_description, place
 from elborl.sampling import from_uint8
+from elborl.settings import Float, Int, OneOf, Rule, Str, section
 from elborl.shapes.render import render
 from elborl.shapes.world import SHAPES_VOCABULARY
+from elborl.store import ArtifactStore
 
 
-@dataclass
+LR_SCHEDULES = ("constant", "cosine")
+TIME_SAMPLINGS = ("logit_normal", "uniform")
+
+
+def _task_mix(weights: dict) -> None:
+    if weights and not any(weights.get(task, 1.0) > 0 for task in TASKS):
+        raise ValueError(f"expected weights not all 0 (a task not named weighs 1), got {weights}")
+
+
+@section("pretrain")
 class PretrainConfig:
-    steps: int = 700
-    batch_size: int = 32
-    lr: float = 1e-3
-    warmup_steps: int = 50
-    ema_decay: float = 0.99
-    prompt_dropout: float = 0.1  # empty prompts, so classifier-free guidance has an unconditional model
-    time_shift: float = 1.0
-    # How training times t are drawn (before the shift). SD3's logit-normal rarely draws t > 0.9 (1.4%), yet in
-    # a 32x32 pixel world that is where an object's colour is decided: a few percent of signal already shows
-    # it. A model trained logit-normal learns shapes but draws colours at random (measured: README).
-    time_sampling: str = "logit_normal"
-    # Share of each GenEval task in the pretraining stream ({task: weight}, a missing task weighs 1; empty = all
-    # equal). Colour words are learned fast when every prompt has one and hardly at all in the equal mix (README).
-    task_weights: dict[str, float] = field(default_factory=dict)
-    # Share of the colour-free prompts (single object, two objects, counting, position) recaptioned to name the
-    # colours drawn, as descriptive recaptioning does for real pretraining data: "a photo of two circles" ->
-    # "a photo of two red circles". Colour words then come with most images instead of a third of them.
-    colour_captions: float = 0.0
-    # "cosine" anneals the learning rate to 5% of its peak by the last step: in a budget this short the model
-    # is far from converged, and annealing turns the last steps into fine convergence instead of noise.
-    lr_schedule: str = "constant"
-    seed: int = 0
-    # CPU threads of the pretraining run. Part of the model's identity: summation order depends on the thread
-    # count, so 1 and 2 threads give different weights after the first step (measured: 0.366 vs 0.391 held out).
-    # Fixing it makes the cached base model the same on every machine of one CPU kind, whatever threads the
-    # caller runs with (other vector instructions may sum differently again).
-    threads: int = 1
+    """Pretraining the embedded base model by flow matching on rendered shapes (docs/embedded-default.md, "The base
+    model"). With `base_model:` it makes the model's cache key: the weights shipped in elborl/base_models are
+    found only for exactly these settings."""
+
+    steps: Annotated[Int, Field(gt=0, description="Optimizer steps.")] = 2800
+    batch_size: Annotated[Int, Field(gt=0, description="Rendered (prompt, image) pairs per step.")] = 8
+    lr: Annotated[Float, Field(gt=0, allow_inf_nan=False, description="AdamW's peak learning rate.")] = 1e-3
+    warmup_steps: Annotated[Int, Field(ge=0, description="Steps of linear learning-rate warm-up to `lr`.")] = 100
+    ema_decay: Annotated[Float, Field(ge=0, le=1, description=(
+        "The cap of the weights' EMA decay (warmed up as (1 + step) / (10 + step)); the EMA is the model saved."
+    ))] = 0.99
+    prompt_dropout: Annotated[Float, Field(ge=0, le=1, description=(
+        "The share of empty prompts, so classifier-free guidance has an unconditional model."
+    ))] = 0.1
+    time_shift: Annotated[Float, Field(gt=0, description=(
+        "Shifts the training times toward noise as the sampler's schedule shift does (1 = none)."
+    ))] = 1.0
+    time_sampling: Annotated[Str, OneOf(TIME_SAMPLINGS, "sampling"), Field(description=(
+        "How training times t are drawn (before the shift): SD3's logit-normal, or uniform. Logit-normal rarely "
+        "draws t > 0.9 (1.4%), where in 32x32 pixels an object's colour is decided, yet more high-t training "
+        "(uniform or shifted times) scored worse held out; colour is bound by `colour_captions` instead "
+        "(docs/experiments/2026-11-29-base-model-variants.md)."
+    ))] = "logit_normal"
+    task_weights: Annotated[
+        dict[Annotated[Str, OneOf(TASKS, "task")], Annotated[Float, Field(ge=0, allow_inf_nan=False)]],
+        Rule("weights not all 0", _task_mix), Field(description=(
+            "The share of each GenEval task in the pretraining stream: {task: weight}, a task not named weighs 1; "
+            "empty: all equal (docs/experiments/2026-11-29-base-model-variants.md)."
+        ))] = field(default_factory=dict)
+    colour_captions: Annotated[Float, Field(ge=0, le=1, description=(
+        "The share of the colour-free prompts (single object, two objects, counting, position) recaptioned to name "
+        "the colours drawn, as descriptive recaptioning does for real pretraining data: \"a photo of two circles\" "
+        "-> \"a photo of two red circles\". Colour words then come with most images instead of a third of them "
+        "(docs/experiments/2026-11-29-base-model-variants.md)."
+    ))] = 0.5
+    lr_schedule: Annotated[Str, OneOf(LR_SCHEDULES, "schedule"), Field(description=(
+        "cosine anneals the learning rate to 5% of its peak by the last step: in a budget this short the model is "
+        "far from converged, and annealing turns the last steps into fine convergence instead of noise."
+    ))] = "cosine"
+    seed: Annotated[Int, Field(ge=0, description="The seed of the model's initialisation, data and noise.")] = 0
+    threads: Annotated[Int, Field(gt=0, description=(
+        "CPU threads of pretraining, part of the model's identity: summation order depends on the thread count, so "
+        "1 and 2 threads give different weights after the first step. Fixing it makes the base model the same on "
+        "every machine of one CPU kind, whatever threads the caller runs with "
+        "(docs/experiments/2026-11-30-pretraining-threads.md)."
+    ))] = 2
 
 
 class RenderedPrompts:
@@ -88,9 +120,6 @@ class RenderedPrompts:
         return [m["prompt"] for m in metas], from_uint8(images)
 
 
-LR_SCHEDULES = ("constant", "cosine")
-
-
 def lr_factor(step: int, config: PretrainConfig) -> float:
     """Linear warm-up, then constant or cosine-annealed to 5% of the peak at the last step."""
     if step < config.warmup_steps:
@@ -107,9 +136,6 @@ def flow_matching_loss(model, x0, prompts, t, generator=None) -> torch.Tensor:
     x_t = (1 - t_) * x0 + t_ * eps
     v = model.velocity(x_t, t, model.encode_prompts(prompts))
     return (v - (eps - x0)).pow(2).mean()
-
-
-TIME_SAMPLINGS = ("logit_normal", "uniform")
 
 
 def training_times(n: int, shift: float, generator, sampling: str = "logit_normal") -> torch.Tensor:
@@ -203,19 +229,42 @@ def cache_key(model_config: ShapesModelConfig, config: PretrainConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def ensure_base_model(model_config: ShapesModelConfig, config: PretrainConfig, cache_root: str | Path,
-                      progress: bool = True, log=print, runtime=None) -> tuple[ShapesFlowModel, Path]:
-    """The pretrained base model for these settings: loaded from the cache, or trained (on the CPU) and cached;
-    placed by `runtime` (a RuntimeConfig) when given.
+# Pretrained weights shipped in the package, one published artifact (elborl.store) per cache key: the default
+# base model is then the same bits on every machine (pretraining on another CPU kind sums in another order and
+# ends at another model) and a fresh clone skips pretraining. `python -m stages.pretrain --rebuild --ship`
+# pretrains again and replaces them.
+SHIPPED_BASE_MODELS = Path(__file__).parent / "base_models"
 
-    The model is written beside its final place and renamed last, so a killed run never leaves a
-    half-written model that a later run would take for finished.
+
+def ensure_base_model(model_config: ShapesModelConfig, config: PretrainConfig, cache_root: str | Path,
+                      progress: bool = True, log=print, runtime=None, rebuild: bool = False,
+                      shipped_root: str | Path = SHIPPED_BASE_MODELS) -> tuple[ShapesFlowModel, Path]:
+    """The pretrained base model for these settings, placed by `runtime` (a RuntimeConfig) when given: read from
+    the cache, else copied from the shipped weights (checksums verified), else trained on the CPU and cached.
+    `rebuild` pretrains even when the cache or the package holds the model, and replaces the cached copy.
+
+    Every copy lands beside its final place and is renamed last, so a killed run never leaves a half-written
+    model that a later run would take for finished.
     """
-    path = Path(cache_root) / cache_key(model_config, config)
-    if (path / "pretrain_log.json").exists():
+    key = cache_key(model_config, config)
+    path = Path(cache_root) / key
+    shipped = Path(shipped_root) / key
+    if not rebuild and (path / "pretrain_log.json").exists():
         log(f"base model: reusing {path}")
-        return place(ShapesFlowModel.from_pretrained(path), runtime), path
-    log(f"base model: pretraining ({config.steps} steps of {config.batch_size}) -> {path}")
+    elif not rebuild and ArtifactStore().exists(shipped):
+        log(f"base model: the shipped weights {shipped} -> {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            ArtifactStore().get_artifact(shipped, path)
+        except FileExistsError:  # another process copied them meanwhile (the copy lands by a rename)
+            pass
+    else:
+        log(f"base model: pretraining ({config.steps} steps of {config.batch_size}) -> {path}")
+        _pretrain_into(model_config, config, path, progress, log)
+    return place(ShapesFlowModel.from_pretrained(path), runtime), path
+
+
+def _pretrain_into(model_config: ShapesModelConfig, config: PretrainConfig, path: Path, progress: bool, log) -> None:
     start = time.time()
     model, losses = pretrain(model_config, config, progress, log)
     staging = path.with_name(f"{path.name}.partial-{os.getpid()}")
@@ -224,5 +273,17 @@ def ensure_base_model(model_config: ShapesModelConfig, config: PretrainConfig, c
     (staging / "pretrain_log.json").write_text(json.dumps(
         {"seconds": round(time.time() - start, 1), "losses": losses, "config": asdict(config)}))
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():  # a rebuild replaces the cached model: set the old one aside, then swap
+        retired = path.with_name(f"{path.name}.old-{os.getpid()}")
+        path.rename(retired)
+        shutil.rmtree(retired)
     staging.rename(path)
-    return place(model, runtime), path
+
+
+def ship_base_model(path: Path, shipped_root: str | Path = SHIPPED_BASE_MODELS) -> Path:
+    """Publishes the cached base model at `path` as the package's shipped weights for its key (a rebuild
+    replaces the shipped copy), with the machine that trained it in the manifest."""
+    target = Path(shipped_root) / path.name
+    shutil.rmtree(target, ignore_errors=True)
+    ArtifactStore().put_artifact(path, target, {"trained_on": cpu_description(), "torch": torch.__version__})
+    return target

@@ -13,9 +13,11 @@ from the run's settings, and a resumed run continues exactly where a straight ru
 """
 
 from dataclasses import dataclass, field, replace
+from typing import Annotated
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from elborl.distributed import SINGLE, Processes
 from elborl.likelihood import (ESTIMATORS, WEIGHTINGS, elbo, elbo_times, expand_to_terms, perturb, term_noise,
@@ -25,102 +27,153 @@ from elborl.objectives import (ADVANTAGE_MODES, CLIPPED_OBJECTIVES, OBJECTIVES, 
 from elborl.policy import CURRENT, OLD, REFERENCE, Policy
 from elborl.runtime import PRECISIONS, resolve_precision
 from elborl.sampling import SAMPLERS, sample, sample_sde, sampler_times, time_grid
+from elborl.settings import Bool, Float, Int, OneOf, Str, section
 
 
-@dataclass
+@section("rl")
 class RLConfig:
-    recipe: str = ""  # the params.yaml preset these settings started from ("" = none); applied by elborl/config.py
-    objective: str = "pepg"
-    estimator: str = "elbo"  # elbo (§2) or trajectory (§6: per-step log-probs of the stored SDE trajectory)
-    weighting: str = "adaptive"
-    sampler: str = "dpm2"
-    steps: int = 10
-    shift: float = 3.0
-    guidance: float = 1.0  # the rollout's CFG guidance; 1.0 = CFG off (the recipe's headline setting)
-    # ELBO terms with CFG (§2, as the official code): θ_old's velocity at `guidance` (as it sampled), θ's at
-    # `train_guidance`, the reference's at `reference_guidance`; each ELBO normalised by its own guidance.
-    # Trajectory terms use `guidance` for every policy, as Flow-GRPO does.
-    train_guidance: float = 1.0
-    reference_guidance: float = 1.0
-    sde_noise: float = 0.7  # the sde sampler's a in σ_t = a sqrt(t / (1 − t)) (§6)
-    # bfloat16: rollouts under autocast (a forward pass 1.45x faster on an AVX-512 BF16 CPU, 26x slower on an AVX2
-    # one); auto: bfloat16 where the device computes it natively (elborl/runtime.py), resolved when settings load.
-    # Only the ELBO may use it: it needs nothing of the sampler but the final sample (§1), while the trajectory
-    # estimator compares against log-probs stored at rollout, which must come from the same arithmetic as the update's.
-    rollout_precision: str = "float32"
-    # bfloat16: the update's forward and backward passes under autocast too (ELBO terms only); the ELBO, δ and the
-    # loss are still computed in float32 from the velocities. Current and old see the same arithmetic, so δ = 0
-    # exactly when their weights are equal.
-    update_precision: str = "float32"
-    prompts_per_epoch: int = 4
-    # How likely each task's prompts are drawn, relative to the others (a task not named: 1; 0: never drawn)
-    task_weights: dict[str, float] = field(default_factory=dict)
-    group_size: int = 8  # images per prompt; advantages are relative to the group
-    optimizer_steps_per_epoch: int = 1  # K = 1: all terms of an epoch accumulate into one step
-    micro_batch: int = 64  # terms per forward pass
-    lr: float = 3e-4
-    # Adam's β1 (the recipe's 0.9). At ~0.15 signal-to-noise per epoch a longer average (0.98: ~50 steps) leaves
-    # less noise in each step; measured on the shapes world without a held-out gain (README, session 11)
-    adam_beta1: float = 0.9
-    weight_decay: float = 1e-4
-    grad_clip: float = 5.0
-    kl_beta: float = 1e-4
-    advantage: str = "recipe"
-    advantage_scale: float = 0.1
-    # Flow-GRPO leaves samples whose advantage is exactly 0 (groups whose images all scored the same) out of the
-    # update: they would only add KL terms and shrink the mean loss of the others
-    drop_zero_advantage: bool = False
-    grpo_clip: float = 1e-3  # PPO clip range of grpo and flow_grpo
-    nft_beta: float = 1.0  # DiffusionNFT's b (§6)
-    nft_loss_scale: float = 1.0  # DiffusionNFT's recipe multiplies its loss by 5
-    elbo_fraction: float = 0.99
-    # ELBO times drawn only among the sampler times in [elbo_min_time, elbo_max_time] (0 and 1 = all, §2): terms at
-    # low t carry almost no signal about what the reward judges on the shapes world (README, "Where the signal is")
-    elbo_min_time: float = 0.0
-    elbo_max_time: float = 1.0
-    old_decay_rate: float = 0.001  # θ_old ← d θ_old + (1 − d) θ with d = min(rate · step, max)
-    old_decay_max: float = 0.5
-    ema_decay: float = 0.9  # the cap of the EMA's per-optimizer-step decay (§4: warm-up, then 0.9)
-    epochs: int = 100
-    seed: int = 0
+    """RL fine-tuning (docs/method.md): every epoch samples `group_size` images of `prompts_per_epoch` prompts from
+    θ_old, scores them, and takes `optimizer_steps_per_epoch` steps on the objective. In params.yaml `rl.recipe`
+    lays a method's preset (`recipes:`) under the keys written here; a key written in `rl:` wins."""
+
+    recipe: Annotated[Str, Field(description=(
+        "The preset of `recipes:` these settings start from (\"\" = none): its keys are laid under the ones "
+        "written in `rl:`, so `--set rl.kl_beta=1e-3` varies one setting of a method. params.yaml picks `elbo`."
+    ))] = ""
+    objective: Annotated[Str, OneOf(OBJECTIVES, "objective"), Field(description=(
+        "The policy-gradient objective (docs/method.md, \"The objectives\"): epg, pepg (the method), par, grpo and "
+        "their `_noratio` variants on either estimator; flow_grpo and nft are the baselines."
+    ))] = "pepg"
+    estimator: Annotated[Str, OneOf(ESTIMATORS, "estimator"), Field(description=(
+        "The likelihood: `elbo` from the final sample alone (the method), or `trajectory`, the log-probs of the "
+        "stored SDE steps (Flow-GRPO's; needs `sampler: sde`)."
+    ))] = "elbo"
+    weighting: Annotated[Str, OneOf(WEIGHTINGS, "weighting"), Field(description=(
+        "The weighting of the ELBO's terms over time (docs/method.md, \"The estimator\")."
+    ))] = "adaptive"
+    sampler: Annotated[Str, OneOf(SAMPLERS, "sampler"), Field(description=(
+        "The rollout sampler: `euler` or `dpm2` (ODE), or `sde` (Flow-GRPO's, which stores the trajectory and its "
+        "log-probs)."
+    ))] = "dpm2"
+    steps: Annotated[Int, Field(ge=1, description="Sampler steps of a rollout.")] = 10
+    shift: Annotated[Float, Field(gt=0, description=(
+        "The time-schedule shift of the rollout sampler (SD3's 3.0: more steps at high noise)."
+    ))] = 3.0
+    guidance: Annotated[Float, Field(ge=1, allow_inf_nan=False, json_schema_extra={"note": "1 = CFG off"},
+                                     description=(
+        "The rollout's classifier-free guidance; 1.0 = CFG off, the method's headline setting. Trajectory terms "
+        "use it for every policy, as Flow-GRPO does."
+    ))] = 1.0
+    train_guidance: Annotated[Float, Field(ge=1, allow_inf_nan=False, json_schema_extra={"note": "1 = CFG off"},
+                                           description=(
+        "The CFG guidance of θ's velocity in ELBO terms (as the official code): θ_old's is `guidance` (as it "
+        "sampled), the reference's `reference_guidance`; each ELBO is normalised by its own guidance."
+    ))] = 1.0
+    reference_guidance: Annotated[Float, Field(ge=1, allow_inf_nan=False, json_schema_extra={"note": "1 = CFG off"},
+                                               description="The CFG guidance of the reference policy's velocity in "
+                                               "ELBO terms (see `train_guidance`).")] = 1.0
+    sde_noise: Annotated[Float, Field(ge=0, allow_inf_nan=False, description=(
+        "The sde sampler's noise level a in σ_t = a sqrt(t / (1 − t)). Flow-GRPO's 0.7 is tuned for SD3 latents "
+        "and wrecks 32 x 32 pixels (strict score 0.02 against the ODE's 0.40 on the same prompts and seeds); 0.2 "
+        "is the largest level whose reward and strict score stay within noise of the ODE's (bench/sde_noise.py, "
+        "docs/experiments/2026-12-07-method-fidelity.md)."
+    ))] = 0.2
+    rollout_precision: Annotated[Str, OneOf(PRECISIONS, "precision"), Field(description=(
+        "bfloat16: rollouts under autocast (a forward pass 1.45x faster on an AVX-512 BF16 CPU, 26x slower on an "
+        "AVX2 one, where it is emulated); auto: bfloat16 where the device computes it natively (elborl/runtime.py), "
+        "resolved when the settings load. Only the ELBO estimator may use bfloat16: it needs nothing of the sampler "
+        "but the final sample, while trajectory log-probs stored at rollout must come from the update's "
+        "arithmetic. On an AVX-512 BF16 CPU an epoch's rollout took 8.0 s instead of 10.0 s and the base model's "
+        "samples scored the same (docs/experiments/2026-12-03-bfloat16.md)."
+    ))] = "float32"
+    update_precision: Annotated[Str, OneOf(PRECISIONS, "precision"), Field(description=(
+        "bfloat16: the update's forward and backward passes under autocast too (ELBO terms only); the ELBO, δ and "
+        "the loss stay float32. Current and old see the same arithmetic, so δ = 0 exactly when their weights are "
+        "equal. auto as for `rollout_precision`. On the base model the epoch's gradient had cosine 1.0000 with "
+        "float32's (two float32 draws: 0.26) and the update took 17% less time on an AVX-512 BF16 CPU."
+    ))] = "float32"
+    prompts_per_epoch: Annotated[Int, Field(ge=1, description=(
+        "Prompts drawn per epoch, balanced over tasks (with several processes: a multiple of their number)."
+    ))] = 8
+    task_weights: Annotated[dict[Str, Annotated[Float, Field(ge=0, allow_inf_nan=False)]], Field(description=(
+        "How likely each task's prompts are drawn relative to the others: {task: weight}, a task not named weighs "
+        "1, weight 0 never draws it (docs/experiments/2026-12-03-task-weights-and-reward-mix.md)."
+    ))] = field(default_factory=dict)
+    group_size: Annotated[Int, Field(ge=2, json_schema_extra={"note": "advantages are relative to the group"},
+                                     description="Images per prompt; advantages are relative to the group.")] = 8
+    optimizer_steps_per_epoch: Annotated[Int, Field(ge=1, description=(
+        "K: optimizer steps per rollout, each on its own share of the epoch's terms (1: all terms accumulate "
+        "into one step). The `elbo` preset's 4 beat 1 on the 2-core CPU "
+        "(docs/experiments/2026-11-30-rl-recipe-sweep.md)."
+    ))] = 1
+    micro_batch: Annotated[Int, Field(ge=1, description=(
+        "Terms per forward pass of the update: memory, not results (up to float rounding)."
+    ))] = 64
+    lr: Annotated[Float, Field(gt=0, allow_inf_nan=False, description="AdamW's learning rate.")] = 1e-3
+    adam_beta1: Annotated[Float, Field(ge=0, lt=1, description=(
+        "Adam's β1 (the paper's 0.9). At about 0.15 signal-to-noise per epoch a longer average (0.98: about 50 "
+        "steps) leaves less noise in each step; on the shapes world it gave no held-out gain "
+        "(docs/experiments/2026-12-04-adam-momentum-and-ema.md)."
+    ))] = 0.9
+    weight_decay: Annotated[Float, Field(ge=0, description="AdamW's decoupled weight decay.")] = 1e-4
+    grad_clip: Annotated[Float, Field(gt=0, description="The gradient-norm clip of every optimizer step.")] = 5.0
+    kl_beta: Annotated[Float, Field(ge=0, allow_inf_nan=False, description=(
+        "β of the KL penalty to the reference policy (0: neither computed nor logged). The paper's 1e-4 is "
+        "negligible at the shapes world's scale: without a KL the policy's palette drifts within 15 minutes "
+        "(colour-free prompts end up green, blue or purple, yellow turns lime), and the `elbo` preset's 0.03 keeps "
+        "it at a similar score (docs/experiments/2026-11-30-kl-term.md)."
+    ))] = 1e-4
+    advantage: Annotated[Str, OneOf(ADVANTAGE_MODES, "advantage"), Field(description=(
+        "recipe: `advantage_scale` · (R − group mean), the paper's for the ELBO objectives; std: "
+        "(R − group mean) / the batch std, clipped to ±5 (GRPO's, needed by the clipped objectives); positive: only "
+        "the better half of a group is reinforced."
+    ))] = "recipe"
+    advantage_scale: Annotated[Float, Field(gt=0, description=(
+        "The scale of the `recipe` and `positive` advantages."
+    ))] = 0.1
+    drop_zero_advantage: Annotated[Bool, Field(description=(
+        "Leave samples whose advantage is exactly 0 (groups whose images all scored the same) out of the update, "
+        "as Flow-GRPO does: they would only add KL terms and shrink the mean loss of the others."
+    ))] = False
+    grpo_clip: Annotated[Float, Field(gt=0, description="The PPO clip range ε of grpo and flow_grpo.")] = 1e-3
+    nft_beta: Annotated[Float, Field(gt=0, description="DiffusionNFT's b (docs/method.md, \"Baselines\").")] = 1.0
+    nft_loss_scale: Annotated[Float, Field(gt=0, description=(
+        "A factor on the nft loss (DiffusionNFT's recipe uses 5); under Adam it matters only against `grad_clip`, "
+        "`kl_beta` and the weight decay."
+    ))] = 1.0
+    elbo_fraction: Annotated[Float, Field(gt=0, le=1, description=(
+        "The share of the sampler's times drawn as ELBO terms per sample (K = floor(fraction · steps), at least 1); "
+        "the paper's 0.99 takes 9 of 10."
+    ))] = 0.99
+    elbo_min_time: Annotated[Float, Field(ge=0, le=1, description=(
+        "ELBO times are drawn only among the sampler times in [elbo_min_time, elbo_max_time] (0 and 1: all). "
+        "Terms at low t seemed to carry little signal (docs/experiments/2026-12-04-signal-along-the-schedule.md), "
+        "which a later experiment overturned (docs/experiments/2026-12-07-method-fidelity.md)."
+    ))] = 0.0
+    elbo_max_time: Annotated[Float, Field(ge=0, le=1, description="See `elbo_min_time`.")] = 1.0
+    old_decay_rate: Annotated[Float, Field(ge=0, description=(
+        "The old policy's soft update θ_old ← d θ_old + (1 − d) θ after each epoch, with "
+        "d = min(rate · optimizer steps so far, `old_decay_max`); 0 and 0 make every rollout on-policy (Flow-GRPO)."
+    ))] = 0.001
+    old_decay_max: Annotated[Float, Field(ge=0, le=1, description="The cap of d (see `old_decay_rate`).")] = 0.5
+    ema_decay: Annotated[Float, Field(ge=0, lt=1, description=(
+        "The cap of the evaluation EMA's per-optimizer-step decay (a warm-up, then this cap)."
+    ))] = 0.9
+    epochs: Annotated[Int, Field(ge=1, description="RL epochs (rounds) of the run.")] = 60
+    seed: Annotated[Int, Field(ge=0, description=(
+        "Every random draw of epoch e comes from generators seeded by (seed, e), so an epoch can be regenerated "
+        "and a resumed run continues as a straight one would."
+    ))] = 0
 
     def validate(self) -> None:
-        choices = {"objective": OBJECTIVES, "estimator": ESTIMATORS, "weighting": WEIGHTINGS, "sampler": SAMPLERS,
-                   "advantage": ADVANTAGE_MODES}
-        for key, valid in choices.items():
-            if getattr(self, key) not in valid:
-                raise ValueError(f"rl.{key}: unknown {key} {getattr(self, key)!r}; expected one of {valid}")
-        for key in ("steps", "prompts_per_epoch", "group_size", "optimizer_steps_per_epoch", "micro_batch",
-                    "epochs"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"rl.{key} must be >= 1, got {getattr(self, key)}")
-        if self.group_size < 2:
-            raise ValueError("rl.group_size must be >= 2: advantages are relative to the group")
-        for key in ("rollout_precision", "update_precision"):
-            if getattr(self, key) not in PRECISIONS:
-                raise ValueError(f"rl.{key}: unknown precision {getattr(self, key)!r}; expected one of {PRECISIONS}")
-        if any(not (w >= 0 and np.isfinite(w)) for w in self.task_weights.values()):
-            raise ValueError(f"rl.task_weights must be finite and >= 0, got {self.task_weights}")
-        if not 0 < self.elbo_fraction <= 1:
-            raise ValueError(f"rl.elbo_fraction must be in (0, 1], got {self.elbo_fraction}")
-        if not 0 <= self.elbo_min_time <= self.elbo_max_time <= 1:
+        """The rules that tie settings together (each field's own are checked on construction)."""
+        if not self.elbo_min_time <= self.elbo_max_time:
             raise ValueError(f"rl.elbo_min_time and rl.elbo_max_time need 0 <= min <= max <= 1, got "
                              f"{self.elbo_min_time} and {self.elbo_max_time}")
         times = sampler_times(self.sampler, self.steps, self.shift)
         if self.estimator == "elbo" and times_in_window(times, self.elbo_min_time, self.elbo_max_time).numel() == 0:
             raise ValueError(f"rl.elbo_min_time {self.elbo_min_time} and rl.elbo_max_time {self.elbo_max_time} leave "
                              f"none of the {self.steps}-step {self.sampler} sampler's times {times.tolist()}; widen them")
-        if not 0 <= self.adam_beta1 < 1:
-            raise ValueError(f"rl.adam_beta1 must be in [0, 1), got {self.adam_beta1}")
-        if not (self.lr > 0 and self.grad_clip > 0 and self.kl_beta >= 0 and 0 <= self.ema_decay < 1):
-            raise ValueError("rl: lr and grad_clip must be > 0, kl_beta >= 0, ema_decay in [0, 1)")
-        if not (self.grpo_clip > 0 and self.nft_beta > 0 and self.nft_loss_scale > 0 and self.sde_noise >= 0):
-            raise ValueError("rl: grpo_clip, nft_beta and nft_loss_scale must be > 0, sde_noise >= 0")
-        if not all(g >= 1 and np.isfinite(g) for g in (self.guidance, self.train_guidance, self.reference_guidance)):
-            raise ValueError("rl.guidance, rl.train_guidance and rl.reference_guidance must be >= 1 (1 = CFG off), got "
-                             f"{self.guidance}, {self.train_guidance}, {self.reference_guidance}")
-        if not (self.old_decay_rate >= 0 and 0 <= self.old_decay_max <= 1):
-            raise ValueError("rl: old_decay_rate must be >= 0 and old_decay_max in [0, 1]")
         self._validate_combination()
 
     def _validate_combination(self) -> None:
@@ -403,10 +456,26 @@ def update(policy: Policy, optimizer, ro: Rollout, rewards: torch.Tensor, config
     policy.soft_update_old(min(config.old_decay_rate * steps_taken, config.old_decay_max))
     stats.gather(processes)
     row = {**stats.summary(), "grad_norm": float(np.mean(grad_norms)) if grad_norms else 0.0,
-           "advantage_abs_mean": float(advantages.abs().mean())}
+           "advantage_abs_mean": float(advantages.abs().mean()),
+           "group_diversity": group_diversity(ro.x0, ro.group_ids)}
     if config.drop_zero_advantage:
         row["terms_trained"] = len(order)
     return row
+
+
+def group_diversity(x0: torch.Tensor, group_ids: list[int]) -> float:
+    """How far apart one prompt's samples lie: the root-mean-square difference between two samples of a group,
+    averaged over pairs and groups. A reward-hacking monitor: a policy that found one image the reward likes
+    draws it for every seed, and this falls towards 0 while the reward still rises."""
+    flat, groups = x0.detach().float().flatten(1), torch.as_tensor(group_ids)
+    per_group = []
+    for group in groups.unique():
+        members = flat[groups == group]
+        if len(members) < 2:
+            continue
+        distances = torch.cdist(members, members, compute_mode="donot_use_mm_for_euclid_dist")
+        per_group.append(distances.sum() / (len(members) * (len(members) - 1)))  # the diagonal is 0
+    return float(torch.stack(per_group).mean()) / flat.shape[1] ** 0.5 if per_group else 0.0
 
 
 def ema_decay(optimizer_step: int, max_decay: float) -> float:

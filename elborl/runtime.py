@@ -5,30 +5,44 @@ AVX-512 BF16 or AMX. Elsewhere PyTorch emulates it, and a forward pass of the sh
 instead of 1.26 s in float32 on a 2-core AVX2 CPU (batch 32). So `auto` picks bfloat16 only where it is native.
 """
 
-from dataclasses import dataclass
+from typing import Annotated
 import os
 import re
 
 import torch
+from pydantic import Field
+
+from elborl.settings import Bool, Rule, Str, section
 
 PRECISIONS = ("auto", "float32", "bfloat16")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
-@dataclass
+def _device(value: str) -> None:
+    if not DEVICE_PATTERN.fullmatch(value):
+        raise ValueError(f"{value!r} is not a device; expected auto, cpu, cuda or cuda:N")
+
+
+@section("runtime")
 class RuntimeConfig:
     """Where and how the diffusion model runs; `place` applies it when a backbone loads. Results depend on it
-    (float arithmetic differs between devices), so a run records it with its settings."""
+    (float arithmetic differs between devices), so a run records it with its settings. Pretraining the embedded
+    base model stays on the CPU (its threads are part of its identity)."""
 
-    device: str = "auto"  # auto: the first CUDA GPU if torch sees one, else the CPU; or cpu, cuda, cuda:N
-    tf32: bool = True  # TensorFloat-32 matmuls and convolutions on CUDA (METHOD.md §5 trains fp32 with tf32)
-    # Recompute the denoiser's activations during backward: much less memory for SD3.5-M-sized updates, about a
-    # third more compute; the gradient is the same up to float rounding
-    gradient_checkpointing: bool = False
+    device: Annotated[Str, Rule("auto, cpu, cuda or cuda:N", _device), Field(description=(
+        "auto: the first CUDA GPU if torch sees one, else the CPU; or cpu, cuda, cuda:N. In a launched multi-GPU "
+        "job, cuda and auto take the GPU of the process's LOCAL_RANK."
+    ))] = "auto"
+    tf32: Annotated[Bool, Field(description=(
+        "TensorFloat-32 matmuls and convolutions on CUDA (the paper's recipe trains float32 with TF32)."
+    ))] = True
+    gradient_checkpointing: Annotated[Bool, Field(description=(
+        "Recompute the denoiser's activations during backward: much less memory for SD3.5-M-sized updates, about "
+        "a third more compute; the gradient is the same up to float rounding."
+    ))] = False
 
     def validate(self) -> None:
-        if not DEVICE_PATTERN.fullmatch(self.device):
-            raise ValueError(f"runtime.device: {self.device!r} is not a device; expected auto, cpu, cuda or cuda:N")
+        """Nothing ties these settings together; each is checked on construction and assignment."""
 
 
 def resolve_device(device: str) -> torch.device:

@@ -5,6 +5,8 @@
   task, so the interval reflects which prompts happened to be in the test set as well as which images were drawn.
 - `paired_difference`: two models (or two judges) scored on the same prompts and seeds; the difference is
   bootstrapped over the same prompt resamples, which cancels what the two share.
+- `bootstrap_mean`: the mean of independent units, e.g. a training round's prompt groups (the images of one
+  prompt are not independent of each other, so a round's interval resamples its groups).
 """
 
 import numpy as np
@@ -48,6 +50,16 @@ def _overall_samples(groups: list[dict[str, dict[str, list[bool]]]], n_boot: int
 def bootstrap_overall(records: list[dict], n_boot: int = 4000, seed: int = 0, key: str = "correct") -> tuple[float, float]:
     """95% interval of the overall score (unweighted mean of tasks), resampling prompts within tasks."""
     replicates = _overall_samples([_per_prompt(records, key)], n_boot, seed)[0]
+    return (float(np.quantile(replicates, 0.025)), float(np.quantile(replicates, 0.975)))
+
+
+def bootstrap_mean(values: list[float], n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the mean of `values`, one per independent unit, by resampling the units."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) < 2:  # one unit says nothing about the spread
+        return (float("nan"), float("nan"))
+    picks = np.random.default_rng(seed).integers(len(values), size=(n_boot, len(values)))
+    replicates = values[picks].mean(axis=1)
     return (float(np.quantile(replicates, 0.025)), float(np.quantile(replicates, 0.975)))
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from flows.common import check_mode, resolve_path, stage_task
+from flows.common import check_mode, publish_run_report, resolve_path, stage_task
 from flows.evaluation import evaluate_models, scores_table
 from flows.training import train_rounds
 
@@ -48,7 +48,8 @@ def campaign(root: str = "artifacts/campaign", params_path: str = "params.yaml",
                                 threads=threads, cache=cache)
 
     # metrics: the whole run's training curve (not only this flow run's rounds) and before/after scores
-    metrics = round_metrics(RunContext(run, load_params(params_path), cache=cache))
+    ctx = RunContext(run, load_params(params_path), base_model, prompts, cache=cache)
+    metrics = round_metrics(ctx)
     columns = ("epoch", "reward_mean", "reward_std", "kl", "seconds_update")
     create_table_artifact([{k: row.get(k) for k in columns} for row in metrics], key="campaign-training-curve",
                           description=f"Per-round training reward of `{run}`.")
@@ -61,8 +62,11 @@ def campaign(root: str = "artifacts/campaign", params_path: str = "params.yaml",
         mean = sum(r["overhead_s"] for r in training["overhead"]) / len(training["overhead"])
         lines += ["", f"Orchestration overhead: {mean:.2f} s per round on average (table artifact `train-overhead`)."]
     create_markdown_artifact("\n".join(lines), key="campaign-summary", description="Campaign summary")
+    # the run report again, now comparing the base model with the final policy (the training flow's has no evaluations)
+    names = list(summaries)
+    report = publish_run_report(ctx, join(eval_out, names[0]), join(eval_out, names[-1]) if len(names) > 1 else None)
     return {"prompts": prompts, "base_model": base_model, "run": run, "eval": eval_out, "training": training,
-            "scores": summaries}
+            "scores": summaries, "report": str(report) if report else None}
 
 
 def main(argv=None) -> None:

@@ -200,3 +200,35 @@ def resolve_path(path: str | os.PathLike) -> str:
     """Local paths made absolute (jobs may run elsewhere); URIs (s3://, file://) unchanged."""
     text = os.fspath(path)
     return text if "://" in text else str(Path(text).resolve())
+
+
+# --- the run report -------------------------------------------------------------------------------------------
+def run_report_path(ctx) -> Path:
+    """Where a flow writes a run's report: beside a local run, else in the run context's local cache (named after
+    the run's URI)."""
+    if "://" not in ctx.run:
+        return Path(ctx.run) / "report.html"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", ctx.run.split("://", 1)[1]).strip("_")
+    return Path(ctx.cache) / "reports" / f"{name}.html"
+
+
+def publish_run_report(ctx, before: str | None = None, after: str | None = None) -> Path | None:
+    """Writes the run report (elborl/report.py; `before`/`after`: evaluation artifacts to compare, default the
+    run's own first and last) and publishes it as Prefect artifacts: `run-report`, a link to the page, and
+    `run-report-summary`, its headline, chart and lineage in markdown. None when the run has nothing published."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
+    from elborl.report import collect, summary_markdown, write_page
+
+    try:
+        data = collect(ctx, before, after)
+    except FileNotFoundError as nothing:  # e.g. a flow asked for 0 rounds of a new run: nothing to report yet
+        get_run_logger().warning(f"no run report: {nothing}")
+        return None
+    page = write_page(data, run_report_path(ctx)).resolve()
+    create_link_artifact(page.as_uri(), link_text=f"run report of {ctx.run}", key="run-report",
+                         description="The run report: one self-contained HTML page (open it in a browser).")
+    create_markdown_artifact(summary_markdown(data, page), key="run-report-summary",
+                             description=f"How the run `{ctx.run}` went.")
+    get_run_logger().info(f"run report: {page}")
+    return page

@@ -20,8 +20,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_table_artifact
 
 from flows.common import (
-    ROUND_STAGES, TASK_OPTIONS, check_mode, display_command, published_seconds, resolve_path, run_job, stage_argv,
-    stage_command,
+    ROUND_STAGES, TASK_OPTIONS, check_mode, display_command, publish_run_report, published_seconds, resolve_path,
+    run_job, stage_argv, stage_command,
 )
 
 
@@ -119,7 +119,8 @@ def train_rounds(run: str, base_model: str, prompts: str, params_path: str = "pa
 
     mode="process" runs the stages in this process; mode="container" runs each as a job (`launcher`, default
     the local `python -m stages.<stage>`; see flows/common.py). Returns the run, the round it resumed at, the
-    rounds completed and the per-round overhead rows (also published as the `train-overhead` table artifact).
+    rounds completed, the per-round overhead rows (also published as the `train-overhead` table artifact) and
+    the run report's path (published as the `run-report` and `run-report-summary` artifacts).
     """
     from elborl.rounds import round_metrics
 
@@ -156,7 +157,9 @@ def train_rounds(run: str, base_model: str, prompts: str, params_path: str = "pa
     if metrics:
         create_table_artifact(_scalar_metrics(metrics), key="train-metrics",
                               description=f"Training metrics per round of `{run}`.")
-    return {"run": run, "resumed_at": start, "rounds_completed": max(start, total), "overhead": overhead}
+    report = publish_run_report(jobs.ctx)
+    return {"run": run, "resumed_at": start, "rounds_completed": max(start, total), "overhead": overhead,
+            "report": str(report) if report else None}
 
 
 def main(argv=None) -> None:

@@ -1,4 +1,4 @@
-"""What every stage CLI shares: the params file, thread count and one clear line on bad input.
+"""What every stage CLI shares: the params file and its --set overrides, thread count and one clear line on bad input.
 Stages publish and fetch through `elborl.store.ArtifactStore` (`publish`, `local_artifact`)."""
 
 import argparse
@@ -7,14 +7,16 @@ import sys
 import torch
 from botocore.exceptions import BotoCoreError, ClientError
 
-from elborl.config import load_params
+from elborl.config import add_params_options, load_params_with_overrides
 from elborl.rewards import REWARDS
 from elborl.rewards.service import RewardServiceError
 
 
-def stage_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
+def stage_parser(description: str, prog: str | None = None) -> argparse.ArgumentParser:
+    """`prog` names the command in usage lines: `elborl <stage>` when run through elborl.cli."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_params_options(parser)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     return parser
 
@@ -31,6 +33,6 @@ def run_stage(main, parser: argparse.ArgumentParser, argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
-        main(args, load_params(args.params))
+        main(args, load_params_with_overrides(args.params, args.set))
     except (FileNotFoundError, FileExistsError, ValueError, BotoCoreError, ClientError, RewardServiceError) as error:
         sys.exit(f"{parser.prog}: error: {error}")

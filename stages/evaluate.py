@@ -61,8 +61,8 @@ def main(args, params) -> None:
                                     "prompts": args.prompt_set or args.prompts, "metrics": names or ["geneval_strict"]})
 
 
-if __name__ == "__main__":
-    parser = stage_parser(__doc__)
+def build_parser(prog: str | None = None):
+    parser = stage_parser(__doc__, prog)
     parser.add_argument("--model", required=True, help="artifact URI of the base model")
     policy = parser.add_mutually_exclusive_group()
     policy.add_argument("--policy-state", default=None, help="artifact URI of a round's update (EMA weights used)")
@@ -76,4 +76,8 @@ if __name__ == "__main__":
     parser.add_argument("--out", required=True, help="artifact URI (local path or s3://) for the scores and grid")
     parser.add_argument("--name", default="model", help="column name in the printed table")
     parser.add_argument("--cache", default=None, help="local cache for s3:// artifacts")
-    run_stage(main, parser)
+    return parser
+
+
+if __name__ == "__main__":
+    run_stage(main, build_parser())

@@ -13,7 +13,11 @@ def main(args, params) -> None:
     ArtifactStore().publish(args.out, write, {"stage": "prepare_prompts"})
 
 
-if __name__ == "__main__":
-    parser = stage_parser(__doc__)
+def build_parser(prog: str | None = None):
+    parser = stage_parser(__doc__, prog)
     parser.add_argument("--out", required=True, help="artifact URI (local path or s3://) for test.jsonl and train.jsonl")
-    run_stage(main, parser)
+    return parser
+
+
+if __name__ == "__main__":
+    run_stage(main, build_parser())

@@ -15,8 +15,8 @@ def main(args, params) -> None:
         score_stage(ctx, args.round, reward)
 
 
-def build_parser():
-    parser = stage_parser(__doc__)
+def build_parser(prog: str | None = None):
+    parser = stage_parser(__doc__, prog)
     parser.add_argument("--run", required=True, help="the run's prefix (local path or s3://)")
     parser.add_argument("--round", type=int, required=True)
     add_reward_options(parser)

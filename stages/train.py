@@ -24,8 +24,8 @@ def main(args, params) -> None:
         Path(args.metrics).write_text("".join(json.dumps(row) + "\n" for row in round_metrics(ctx)))
 
 
-if __name__ == "__main__":
-    parser = stage_parser(__doc__)
+def build_parser(prog: str | None = None):
+    parser = stage_parser(__doc__, prog)
     parser.add_argument("--run", required=True, help="the run's prefix (local path or s3://)")
     parser.add_argument("--base-model", required=True, help="artifact URI of the base model")
     parser.add_argument("--prompts", required=True, help="artifact URI holding train.jsonl")
@@ -33,4 +33,8 @@ if __name__ == "__main__":
     add_reward_options(parser)
     parser.add_argument("--metrics", default=None, help="local JSONL file for the per-round metrics")
     parser.add_argument("--cache", default=None, help="local cache for s3:// artifacts")
-    run_stage(main, parser)
+    return parser
+
+
+if __name__ == "__main__":
+    run_stage(main, build_parser())

@@ -11,10 +11,14 @@ def main(args, params) -> None:
     update_stage(ctx, args.round)
 
 
-if __name__ == "__main__":
-    parser = stage_parser(__doc__)
+def build_parser(prog: str | None = None):
+    parser = stage_parser(__doc__, prog)
     parser.add_argument("--run", required=True, help="the run's prefix (local path or s3://)")
     parser.add_argument("--round", type=int, required=True)
     parser.add_argument("--base-model", required=True, help="artifact URI of the base model")
     parser.add_argument("--cache", default=None, help="local cache for s3:// artifacts")
-    run_stage(main, parser)
+    return parser
+
+
+if __name__ == "__main__":
+    run_stage(main, build_parser())

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, load_bench
-from elborl.benchmark import (DONE_FILE, SETTINGS_FILE, Bench, Budget, Ratio, RunResult, budget_from_args,
+from elborl.benchmark import (DONE_FILE, RECORD_FILE, SETTINGS_FILE, Bench, Budget, Ratio, RunResult, budget_from_args,
                               collect_run, load_bench_params, mean_curve, run_or_reuse, settings_differences, thresholds,
                               time_ratio, time_to_threshold)
 from elborl.embedded import run_settings
@@ -203,6 +203,19 @@ def test_efficiency_smoke_run_writes_everything_and_reuses_finished_runs(tmp_pat
     assert "3 runs: 3 read back from earlier runs (trained at [1] torch threads;" in summary
     assert len(collect_run(tmp_path / "runs" / "nft" / "seed0", "nft").metrics) == 1
     assert read_csv(tmp_path / "curves.csv") == rows
+
+    # the kept records alone (settings, done, record: no rounds, no weights) stand for the finished runs
+    kept = tmp_path / "kept"
+    for name in (SETTINGS_FILE, DONE_FILE, RECORD_FILE):
+        for source in (tmp_path / "runs").glob(f"*/*/{name}"):
+            target = kept / "runs" / source.relative_to(tmp_path / "runs")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read_bytes())
+    assert sum(1 for _ in kept.rglob("*")) == 9 + 3 + 3 + 1  # 9 files, 3 run folders, 3 method folders, runs/
+    efficiency.main([*argv[:4], str(kept), *argv[5:]])
+    assert capsys.readouterr().out.count("reusing the finished run") == 3
+    assert read_csv(kept / "curves.csv") == rows
+    assert json.loads((kept / "runs" / "nft" / "seed0" / RECORD_FILE).read_text())["machine"]
 
 
 def test_ablation_smoke_run_lists_every_cell(tmp_path):

@@ -73,3 +73,23 @@ def test_an_earlier_round_is_loaded_by_epoch_and_a_missing_one_refused(tmp_path,
     with pytest.raises(SystemExit):
         bench.main([str(tmp_path), "--epoch", "7"])
     assert f"fewer than 7 published rounds in {tmp_path}" in capsys.readouterr().err
+
+
+def test_each_score_has_its_interval_and_each_run_its_paired_gain_over_base():
+    bench = load_bench("reevaluate")
+    prompts = [(f"p{i}", tag) for i, tag in enumerate(["counting", "colors", "position"] * 10)]
+
+    def records(rate_of_prompt):
+        return [{"prompt": p, "tag": tag, "seed": seed, "correct": seed < 4 * rate_of_prompt(i)}
+                for i, (p, tag) in enumerate(prompts) for seed in range(4)]
+
+    base = records(lambda i: 0.25)  # 1 of 4 images right on every prompt
+    better = records(lambda i: 0.75)  # 3 of 4
+    lines = bench.uncertainty_lines({"base": ({"overall": 0.25}, base), "run": ({"overall": 0.75}, better)})
+    base_line, run_line = lines.splitlines()
+    assert base_line.startswith("base: overall 0.250 (0.250-0.250)")  # every prompt alike: no spread
+    assert run_line.startswith("run: overall 0.750 (0.750-0.750), gain over base +0.500 (+0.500 to +0.500)")
+    noisy = records(lambda i: (i % 4) / 4)
+    low, high = map(float, bench.uncertainty_lines({"noisy": ({"overall": 0.375}, noisy)})
+                    .split("(")[1].rstrip(")").split("-"))
+    assert low < 0.375 < high

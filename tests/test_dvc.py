@@ -21,10 +21,12 @@ STAGES = ("prepare_prompts", "pretrain", "train", "evaluate_base", "evaluate_fin
 
 
 def timed(rel: str) -> bool:
-    """Files that record wall-clock seconds (or hash such files: manifests), and the saved global torch RNG
-    state (not the same from run to run, and not used by any result); everything else is reproduced exactly."""
+    """Files that record wall-clock seconds (or hash such files: manifests; the run report plots training minutes
+    and says when it was written), and the saved global torch RNG state (not the same from run to run, and not used
+    by any result); everything else is reproduced exactly."""
     name = rel.rsplit("/", 1)[-1]
-    return (rel in ("pipeline/base_model/pretrain_log.json", "pipeline/train_metrics.jsonl") or name == "manifest.json"
+    return (rel in ("pipeline/base_model/pretrain_log.json", "pipeline/train_metrics.jsonl", "pipeline/report.html")
+            or name == "manifest.json"
             or (rel.startswith("pipeline/run/") and name in ("metrics.json", "rng.safetensors")))
 
 
@@ -115,6 +117,8 @@ def test_repro_runs_end_to_end_then_is_a_noop_and_a_forced_run_reproduces_the_sa
     assert len((repo / "pipeline/plots/heldout.csv").read_text().splitlines()) == 1 + len(tasks) + 1
     for png in ("training.png", "heldout.png"):
         assert (repo / "pipeline/plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = (repo / "pipeline/report.html").read_text()  # the run report: base vs final on the same seeds
+    assert "<th>held-out score (strict)</th>" in report and "pipeline/base_model (files sha256" in report
     assert not (repo / "pipeline/.pretrain-cache").exists()
     shown = dvc(repo, "metrics", "show", "--json").stdout
     assert '"fine_tuned"' in shown and '"overall"' in shown
@@ -181,7 +185,7 @@ def test_push_to_s3_then_pull_into_a_fresh_clone_and_into_an_emptied_cache(repro
     assert "Running stage" not in dvc(clone, "repro").stdout
 
     for out in ("prompts", "base_model", "run", "train_metrics.jsonl", "eval/base", "eval/final", "plots/training.png",
-                "plots/heldout.png"):  # every DVC-cached output (metrics.json and the CSVs are tracked by git)
+                "plots/heldout.png", "report.html"):  # every DVC-cached output (metrics.json and the CSVs: git)
         path = repo / "pipeline" / out
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     shutil.rmtree(repo / ".dvc/cache")

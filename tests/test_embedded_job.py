@@ -32,6 +32,8 @@ def test_main_job_runs_end_to_end_and_reuses_its_work(tmp_path):
     runs = list((artifacts / "runs").iterdir())
     assert len(runs) == 1
     assert (runs[0] / "curves.png").stat().st_size > 0 and (runs[0] / "evals" / "00002" / "grid.png").exists()
+    assert f"report: {runs[0] / 'report.html'}" in first.stdout and "<th>git commit</th>" in (
+        runs[0] / "report.html").read_text()
     run = RunContext(str(runs[0]), None)
     assert [m["epoch"] for m in round_metrics(run)] == [0, 1]
     assert [e["epoch"] for e in evaluations(run)] == [0, 1, 2]  # before training and after each round

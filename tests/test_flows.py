@@ -197,6 +197,10 @@ def test_training_flow_runs_two_rounds_end_to_end(two_rounds, inputs):
     overhead = Artifact.get("train-overhead")
     assert overhead.type == "table" and [row["round"] for row in json.loads(overhead.data)] == [0, 1]
     assert [row["epoch"] for row in json.loads(Artifact.get("train-metrics").data)] == [0, 1]
+    # the run report beside the run, linked and summarised as artifacts
+    assert result["report"] == str(run / "report.html") and (run / "report.html").exists()
+    assert (run / "report.html").as_uri() in Artifact.get("run-report").data  # a markdown link
+    assert "| training reward |" in Artifact.get("run-report-summary").data
 
 
 def test_container_mode_runs_each_stage_as_a_job_with_the_same_result(two_rounds, inputs):
@@ -426,3 +430,7 @@ def test_campaign_chains_prepare_pretrain_train_evaluate_and_publishes_metrics(p
     assert "data:image/png;base64," in Artifact.get("eval-grids").data
     assert "overall" in Artifact.get("campaign-summary").data
     assert [row["epoch"] for row in json.loads(Artifact.get("campaign-training-curve").data)] == [0]
+    # the run report compares the base model with the final policy
+    assert result["report"] == str(root / "runs" / "run" / "report.html")
+    assert "| held-out score (strict) |" in Artifact.get("run-report-summary").data
+    assert "<h2>Samples on the same prompts and seeds</h2>" in Path(result["report"]).read_text()

@@ -162,7 +162,7 @@ def test_bfloat16_updates_give_nearly_the_float32_gradient():
 def test_adam_momentum_is_the_configured_one():
     policy = tiny_policy()
     assert make_optimizer(policy, small_config(adam_beta1=0.98)).param_groups[0]["betas"] == (0.98, 0.999)
-    with pytest.raises(ValueError, match="rl.adam_beta1 must be in \\[0, 1\\)"):
+    with pytest.raises(ValueError, match="rl.adam_beta1: must be in \\[0, 1\\), got 1.0"):
         small_config(adam_beta1=1.0).validate()
 
 

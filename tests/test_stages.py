@@ -47,6 +47,11 @@ def test_stages_chain_into_a_round_and_skip_what_is_published(tmp_path):
     again = stage("rollout", "--run", run, "--round", 0, "--base-model", base, "--prompts", prompts, params=params)
     assert "already published, skipped" in again
 
+    # the run report of a run made stage by stage (no held-out evaluation of its own)
+    assert "run report:" in stage("report", "--run", run, "--html", tmp_path / "report.html", params=params)
+    html = (tmp_path / "report.html").read_text()
+    assert "<th>training reward</th>" in html and "<h2>Samples on the same prompts and seeds</h2>" not in html
+
 
 def test_a_stage_with_a_missing_input_fails_in_one_line_and_publishes_nothing(tmp_path):
     params = tmp_path / "params.yaml"

@@ -61,3 +61,11 @@ def test_a_paired_difference_of_a_dense_value_uses_that_value():
     diff = stats.paired_difference(after, before, key="reward")
     assert diff["difference"] == pytest.approx(0.3) and diff["low"] == pytest.approx(0.3)
     assert stats.paired_difference(after, before)["difference"] == 0.0  # the verdicts did not change
+
+
+def test_bootstrap_mean_resamples_units_and_needs_two_of_them():
+    values = np.random.default_rng(0).normal(0.5, 0.1, size=8)
+    low, high = stats.bootstrap_mean(values)
+    assert low < values.mean() < high and high - low < 4 * values.std() / np.sqrt(8)
+    assert stats.bootstrap_mean(values) == (low, high)  # seeded
+    assert all(np.isnan(stats.bootstrap_mean([0.3])))

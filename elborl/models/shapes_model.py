@@ -7,37 +7,58 @@ on a tiny `CLIPTextModel` over a word-level tokenizer. All three save and load w
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Annotated
 import json
 
 import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
+from pydantic import Field
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel
 
 from elborl.models.tokenizer import build_tokenizer
 from elborl.sampling import to_uint8
+from elborl.settings import Bool, Int, OneOf, Rule, Str, section
 from elborl.shapes.world import IMAGE_SIZE, SHAPES_VOCABULARY, Vocabulary
 
 
 RESNET_TIME_SCALE_SHIFTS = ("default", "scale_shift")
 
 
-@dataclass
+def _group_norm_widths(channels: tuple[int, ...]) -> None:
+    if any(c <= 0 or c % 32 for c in channels):
+        raise ValueError(f"must be multiples of 32 (group norm), got {list(channels)}")
+
+
+@section("base_model")
 class ShapesModelConfig:
-    image_size: int = IMAGE_SIZE
-    channels: tuple[int, ...] = (32, 64, 128)
-    layers_per_block: int = 1
-    text_width: int = 128
-    text_layers: int = 2
-    max_tokens: int = 16
-    # The prompt's pooled (end-of-text) embedding added to the time embedding, as SD3 does with its pooled
-    # CLIP vector: every ResNet block then sees the prompt, not only the cross-attention layers. Global
-    # attributes such as colour bind much more reliably this way.
-    pooled_text: bool = True
-    # diffusers' `resnet_time_scale_shift`: "default" adds the time(+pooled prompt) embedding to every ResNet
-    # block's features; "scale_shift" uses it as a per-channel gain and bias (FiLM, as in ADM). A colour is a
-    # per-channel gain on an object's pixels, so the prompt can set it directly.
-    resnet_time_scale_shift: str = "default"  # one of RESNET_TIME_SCALE_SHIFTS
+    """The embedded base model (docs/embedded-default.md, "The base model"): diffusers' UNet2DConditionModel
+    predicting the velocity on RGB pixels, conditioned on a tiny CLIP text encoder over a word-level tokenizer. With
+    `pretrain:` it makes the model's cache key."""
+
+    image_size: Annotated[Int, Field(gt=0, description="The images' side in pixels (the shapes world draws 32).")] = (
+        IMAGE_SIZE)
+    channels: Annotated[tuple[Int, ...], Rule("multiples of 32 (group norm)", _group_norm_widths),
+                        Field(min_length=1, description=(
+        "The UNet's block widths, one block per resolution (the first without cross-attention)."
+    ))] = (32, 64, 128)
+    layers_per_block: Annotated[Int, Field(gt=0, description="ResNet layers per UNet block.")] = 1
+    text_width: Annotated[Int, Field(gt=0, description="The text encoder's hidden size (4 attention heads).")] = 128
+    text_layers: Annotated[Int, Field(gt=0, description="The text encoder's transformer layers.")] = 2
+    max_tokens: Annotated[Int, Field(gt=0, description=(
+        "The text encoder's positions: the longest prompt in tokens."
+    ))] = 16
+    pooled_text: Annotated[Bool, Field(description=(
+        "Add the prompt's pooled (end-of-text) embedding to the time embedding, as SD3 does with its pooled CLIP "
+        "vector: every ResNet block then sees the prompt, not only the cross-attention layers, and global "
+        "attributes such as colour bind much more reliably."
+    ))] = True
+    resnet_time_scale_shift: Annotated[Str, OneOf(RESNET_TIME_SCALE_SHIFTS, "ResNet time-embedding mode"), Field(
+        description=(
+            "diffusers' `resnet_time_scale_shift`: default adds the time (+ pooled prompt) embedding to every ResNet "
+            "block's features; scale_shift uses it as a per-channel gain and bias (FiLM, as in ADM), which did not "
+            "help here (docs/experiments/2026-11-29-base-model-variants.md)."
+        ))] = "default"
 
 
 @dataclass

@@ -36,9 +36,13 @@ of training.
 
 import importlib
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
+from typing import Annotated
 
 import numpy as np
+from pydantic import Field
+
+from elborl.settings import Float, OneOf, Rule, Str, section
 
 
 # --- the registry ---------------------------------------------------------------------------------
@@ -85,30 +89,46 @@ def make_reward(name: str, **kwargs):
 
 
 # --- several rewards ------------------------------------------------------------------------------
-@dataclass
-class RewardsConfig:
-    """params.yaml `rewards:` — which rewards train the policy, their weights, and where their weights live."""
+def _registered(name: str) -> None:
+    if name not in REWARDS:
+        raise ValueError(f"unknown reward {name!r}; expected one of {sorted(REWARDS)}")
 
-    aggregate: str = "weighted_sum"  # one of AGGREGATES (module doc)
-    weights: dict[str, float] = field(default_factory=lambda: {"shapes_geneval": 1.0})
-    paths: dict[str, str] = field(default_factory=dict)  # reward name -> local path or s3:// artifact of its model
+
+def _some_training_reward(weights: dict) -> None:
+    if not weights:
+        raise ValueError("name at least one reward")
+    if not any(weights.values()):
+        raise ValueError("every weight is 0; at least one reward must train the policy")
+
+
+RewardName = Annotated[Str, Rule("a registered reward (elborl/rewards/__init__.py)", _registered)]
+
+
+@section("rewards")
+class RewardsConfig:
+    """Which rewards train the policy, their weights, and where their models live (docs/rewards.md)."""
+
+    aggregate: Annotated[Str, OneOf(AGGREGATES, "aggregation"), Field(description=(
+        "weighted_sum: R = Σ w_i R_i per sample; advantages: Σ w_i z_i, each reward normalised on its own "
+        "(z_i: its group-centred value over its batch std), so no reward dominates by its scale."
+    ))] = "weighted_sum"
+    weights: Annotated[dict[RewardName, Annotated[Float, Field(allow_inf_nan=False)]],
+                       Rule("not empty, not all 0", _some_training_reward), Field(description=(
+        "{reward: weight} by registered name. A weight of 0 keeps a reward computed and logged (`score/<name>`) "
+        "but out of training."
+    ))] = field(default_factory=lambda: {"shapes_geneval": 1.0})
+    paths: Annotated[dict[RewardName, Str], Field(description=(
+        "{reward: where its model weights live}, a local path or an s3:// artifact, e.g. pickscore: "
+        "s3://bucket/pickscore; needed by the rewards built on a model (clipscore, pickscore, hpsv2, aesthetic)."
+    ))] = field(default_factory=dict)
 
     def validate(self) -> None:
-        if self.aggregate not in AGGREGATES:
-            raise ValueError(f"rewards.aggregate: unknown aggregation {self.aggregate!r}; expected one of {AGGREGATES}")
-        if not self.weights:
-            raise ValueError("rewards.weights: name at least one reward")
-        for section in ("weights", "paths"):
-            for name in getattr(self, section):
-                check_reward_name(name, f"rewards.{section}.{name}")
-        for name, weight in self.weights.items():
-            if not math.isfinite(weight):
-                raise ValueError(f"rewards.weights.{name}: must be finite, got {weight}")
+        """The rule that ties weights to paths: a reward with a weight, even 0, is computed and needs its model
+        (each setting's own rules are checked on construction)."""
+        for name in self.weights:
             if name in NEEDS_PATH and not self.paths.get(name):
                 raise ValueError(f"rewards.paths.{name}: reward {name!r} is weighted but the location of its "
                                  "model weights is not given (a local path or s3:// artifact)")
-        if not any(self.weights.values()):
-            raise ValueError("rewards.weights: every weight is 0; at least one reward must train the policy")
 
 
 def prompt_groups(metas: list[dict]) -> list[int]:

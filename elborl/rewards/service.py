@@ -614,8 +614,10 @@ def params_factory(params_path: str):
     return lambda name: configured_reward(name, rewards_config)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m elborl.rewards.service", description=__doc__.split("\n\n")[0],
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """`prog` names the command in usage lines: `elborl reward-service` when run through elborl.cli."""
+    parser = argparse.ArgumentParser(prog=prog or "python -m elborl.rewards.service",
+                                     description=__doc__.split("\n\n")[0],
                                      epilog=f"The bearer token is read from ${TOKEN_ENV} (or --token-file), never "
                                      "from the command line.")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
@@ -638,6 +640,11 @@ def main(argv=None) -> None:
     parser.add_argument("--params", default=None,
                         help="params.yaml whose rewards.paths give the rewards' model weights (local or s3://)")
     parser.add_argument("--log-level", default="info")
+    return parser
+
+
+def main(argv=None, prog: str | None = None) -> None:
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
