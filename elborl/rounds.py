@@ -350,7 +350,7 @@ def run_rounds(ctx: RunContext, reward_fn, rounds: int | None = None, progress: 
         update_stage(ctx, done)
         row = ctx.round_row(done)
         spent, done = spent + _train_seconds(row), done + 1
-        bar.update(_train_seconds(row) / 60 if max_train_seconds is not None else 1)
+        _advance(bar, _train_seconds(row) / 60 if max_train_seconds is not None else 1)
         bar.set_postfix(round=done, reward=f"{row['reward_mean']:.3f}")
         if held_out and held_out.every and done % held_out.every == 0:
             evaluation_stage(ctx, done, held_out.evaluate, train_seconds=spent)
@@ -369,6 +369,12 @@ def _progress(start: int, total: int, spent: float, max_train_seconds: float | N
     return tqdm(initial=min(spent, max_train_seconds) / 60, total=max_train_seconds / 60, desc="training minutes",
                 unit="min", bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} min [{elapsed}<{remaining}{postfix}]",
                 disable=not enabled)
+
+
+def _advance(bar, amount: float) -> None:
+    """Moves the bar by `amount`, at most to its total: tqdm forgets a total that `n` passes by half a unit, and
+    the minutes format then fails, which a last round of minutes (a large model) would do to a budgeted run."""
+    bar.update(min(amount, bar.total - bar.n))
 
 
 def _train_seconds(row: dict) -> float:

@@ -110,3 +110,17 @@ def test_rounds_run_against_a_real_s3_server(tmp_path, s3_env):
     run_rounds(ctx, brightness, rounds=2, progress=False)
     assert ctx.store.exists(round_uri(ctx.run, 1, "update"))
     assert_same_as_one_process_run(ctx, tmp_path, epochs=2)
+
+
+def test_the_minutes_bar_takes_a_last_round_far_past_the_budget():
+    from elborl.rounds import _advance, _progress
+
+    bar = _progress(0, 100, 0.0, max_train_seconds=60.0, enabled=True)  # a 1-minute budget
+    _advance(bar, 0.4)
+    _advance(bar, 2.5)  # the last round of a large model: minutes past the budget
+    assert bar.n == bar.total == 1.0 and "1.0/1.0 min" in str(bar)
+    bar.close()
+    rounds = _progress(0, 3, 0.0, None, enabled=True)
+    _advance(rounds, 1)
+    assert rounds.n == 1
+    rounds.close()
