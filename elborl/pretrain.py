@@ -248,14 +248,14 @@ def ensure_base_model(model_config: ShapesModelConfig, config: PretrainConfig, c
     """
     key = cache_key(model_config, config)
     path = Path(cache_root) / key
-    shipped = Path(shipped_root) / key
+    shipped, store = Path(shipped_root) / key, ArtifactStore()
     if not rebuild and (path / "pretrain_log.json").exists():
         log(f"base model: reusing {path}")
-    elif not rebuild and ArtifactStore().exists(shipped):
+    elif not rebuild and store.exists(shipped):
         log(f"base model: the shipped weights {shipped} -> {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            ArtifactStore().get_artifact(shipped, path)
+            store.get_artifact(shipped, path)
         except FileExistsError:  # another process copied them meanwhile (the copy lands by a rename)
             pass
     else:

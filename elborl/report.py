@@ -32,7 +32,7 @@ from PIL import Image  # noqa: E402
 
 from elborl.evaluate import before_after  # noqa: E402
 from elborl.plots import trailing_mean  # noqa: E402
-from elborl.rounds import RunContext, evaluation_uri, join, round_metrics, round_uri  # noqa: E402
+from elborl.rounds import RunContext, evaluation_uri, evaluations, join, round_metrics, round_uri  # noqa: E402
 from elborl.stats import bootstrap_mean, bootstrap_overall, paired_difference, task_table  # noqa: E402
 
 TREND_WINDOW = 10  # rounds in the training reward's trailing mean (one round's prompts swing its mean a lot)
@@ -81,16 +81,11 @@ def read_evaluation(ctx: RunContext, uri: str, name: str, train_seconds: float) 
                       grid_file.read_bytes() if grid_file.exists() else None)
 
 
-def run_evaluations(ctx: RunContext, rounds: list[dict]) -> list[Evaluation]:
-    """The run's own held-out evaluations (<run>/evals/NNNNN), in round order."""
-    out = []
-    for rounds_done in range(len(rounds) + 1):
-        uri = evaluation_uri(ctx.run, rounds_done)
-        if ctx.store.exists(uri):
-            seconds = ctx.store.read_manifest(uri)["meta"].get("train_seconds") or 0.0
-            out.append(read_evaluation(ctx, uri, "base" if rounds_done == 0 else f"after {rounds_done} rounds",
-                                       seconds))
-    return out
+def run_evaluations(ctx: RunContext) -> list[Evaluation]:
+    """The run's own held-out evaluations (<run>/evals/NNNNN), in round order, with their images' verdicts."""
+    return [read_evaluation(ctx, evaluation_uri(ctx.run, row["epoch"]),
+                            "base" if row["epoch"] == 0 else f"after {row['epoch']} rounds", row["train_seconds"])
+            for row in evaluations(ctx)]
 
 
 def round_reward_intervals(ctx: RunContext, rounds: list[dict], group_size: int) -> list[tuple[float, float]]:
@@ -112,22 +107,22 @@ def collect(ctx: RunContext, before: str | None = None, after: str | None = None
     rounds = round_metrics(ctx)
     group_size = recorded.get("rl", {}).get("group_size")
     intervals = round_reward_intervals(ctx, rounds, group_size) if group_size else [(np.nan, np.nan)] * len(rounds)
-    evaluations = run_evaluations(ctx, rounds)
-    if not (recorded or rounds or evaluations):  # most likely a mistyped run: say so rather than draw empty charts
+    held_out = run_evaluations(ctx)
+    if not (recorded or rounds or held_out):  # most likely a mistyped run: say so rather than draw empty charts
         raise FileNotFoundError(f"{ctx.run}: no run there (no run.json, round or held-out evaluation published)")
     trained = rounds[-1]["train_seconds"] if rounds else 0.0
     given = {uri: seconds for uri, seconds in ((before, 0.0), (after, trained)) if uri}
-    known = {e.uri for e in evaluations}
-    evaluations += [read_evaluation(ctx, uri, uri.rstrip("/").rsplit("/", 1)[-1], seconds)  # e.g. eval/base
+    known = {e.uri for e in held_out}
+    held_out += [read_evaluation(ctx, uri, uri.rstrip("/").rsplit("/", 1)[-1], seconds)  # e.g. eval/base
                     for uri, seconds in given.items() if uri not in known]
-    evaluations.sort(key=lambda e: e.train_seconds)
-    by_uri = {e.uri: e for e in evaluations}
-    first, last = (by_uri[before] if before else evaluations[0] if evaluations else None,
-                   by_uri[after] if after else evaluations[-1] if len(evaluations) > 1 else None)
+    held_out.sort(key=lambda e: e.train_seconds)
+    by_uri = {e.uri: e for e in held_out}
+    first, last = (by_uri[before] if before else held_out[0] if held_out else None,
+                   by_uri[after] if after else held_out[-1] if len(held_out) > 1 else None)
     settings = {**_params_settings(ctx.params), **recorded}  # run.json wins: the run was started with it
     lineage = run_lineage(ctx, settings, base_model or ctx.base_model or _evaluated(ctx, first or last, "model"),
                           prompts or ctx.prompts or _evaluated(ctx, first or last, "prompts"))
-    return RunData(ctx.run, rounds, intervals, evaluations, first, last, settings, lineage)
+    return RunData(ctx.run, rounds, intervals, held_out, first, last, settings, lineage)
 
 
 def _recorded_settings(ctx: RunContext) -> dict:
