@@ -236,6 +236,15 @@ def cache_key(model_config: ShapesModelConfig, config: PretrainConfig) -> str:
 SHIPPED_BASE_MODELS = Path(__file__).parent / "base_models"
 
 
+def base_model_source(model_config: ShapesModelConfig, config: PretrainConfig, cache_root: str | Path,
+                      shipped_root: str | Path = SHIPPED_BASE_MODELS) -> str:
+    """Where ensure_base_model will take these settings' base model from: "cache", "shipped" or "pretrain"."""
+    key = cache_key(model_config, config)
+    if (Path(cache_root) / key / "pretrain_log.json").exists():
+        return "cache"
+    return "shipped" if ArtifactStore().exists(Path(shipped_root) / key) else "pretrain"
+
+
 def ensure_base_model(model_config: ShapesModelConfig, config: PretrainConfig, cache_root: str | Path,
                       progress: bool = True, log=print, runtime=None, rebuild: bool = False,
                       shipped_root: str | Path = SHIPPED_BASE_MODELS) -> tuple[ShapesFlowModel, Path]:
@@ -249,9 +258,10 @@ def ensure_base_model(model_config: ShapesModelConfig, config: PretrainConfig, c
     key = cache_key(model_config, config)
     path = Path(cache_root) / key
     shipped, store = Path(shipped_root) / key, ArtifactStore()
-    if not rebuild and (path / "pretrain_log.json").exists():
+    source = "pretrain" if rebuild else base_model_source(model_config, config, cache_root, shipped_root)
+    if source == "cache":
         log(f"base model: reusing {path}")
-    elif not rebuild and store.exists(shipped):
+    elif source == "shipped":
         log(f"base model: the shipped weights {shipped} -> {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
         try:

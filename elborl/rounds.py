@@ -64,16 +64,19 @@ class RunContext:
     Artifacts at local paths are read in place; `s3://` artifacts are fetched once into `cache` (verified
     against their manifests) and reused by later stages of the same process or machine. `processes`: the
     job's processes when it runs data parallel (elborl/distributed.py; default: what the launcher set up).
+    `log` takes the run's messages; `artifact_log` the line per artifact published or skipped (default: `log`).
     """
 
     def __init__(self, run: str, params, base_model: str | None = None, prompts: str | None = None,
                  store: ArtifactStore | None = None, cache: str | Path | None = None, log=print,
-                 backbone=None, train_metas: list[dict] | None = None, processes: Processes | None = None):
+                 backbone=None, train_metas: list[dict] | None = None, processes: Processes | None = None,
+                 artifact_log=None):
         self.run, self.params, self.base_model, self.prompts = str(run), params, base_model, prompts
         self.store = store or ArtifactStore()
         self.cache = Path(cache or Path(tempfile.gettempdir()) / "elborl-cache")
         self.processes = processes or Processes.from_environment()
         self.log = log if self.processes.is_main else (lambda *_: None)
+        self.artifact_log = artifact_log if artifact_log and self.processes.is_main else self.log
         self._backbone, self._train_metas = backbone, train_metas
         self._policy, self._initial_state = None, None
         # (round, optimizer, torch RNG state) the policy in memory holds: consecutive stages in one process
@@ -86,13 +89,13 @@ class RunContext:
         runs `write` (its work holds collectives; `everyone=False`: the main process's alone), the main
         process publishes, and all wait until it has."""
         if self.processes.world == 1:
-            self.store.publish(uri, write, meta, log=self.log)
+            self.store.publish(uri, write, meta, log=self.artifact_log)
             return
         if self.processes.agree(self.store.exists(uri)):
-            self.log(f"{uri}: already published, skipped")
+            self.artifact_log(f"{uri}: already published, skipped")
             return
         if self.processes.is_main:
-            self.store.publish(uri, write, meta, log=self.log)
+            self.store.publish(uri, write, meta, log=self.artifact_log)
         elif everyone:
             with tempfile.TemporaryDirectory() as scratch:
                 write(Path(scratch))
@@ -327,11 +330,39 @@ class HeldOut:
     initial: Callable[[], tuple] | None = None
 
 
-def run_rounds(ctx: RunContext, reward_fn, rounds: int | None = None, progress: bool = True,
+class RoundsProgress:
+    """A rounds run's progress line: rounds against the total, or under a time budget training minutes against
+    the budget (an ETA either way). run_rounds calls start, then round_done after every round, then close; the
+    main job passes its own line (elborl.embedded.JobProgress) in its place."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.bar = enabled, None
+
+    def start(self, done: int, total: int, spent: float, max_train_seconds: float | None) -> None:
+        from tqdm.auto import tqdm
+
+        self.minutes = max_train_seconds is not None
+        if not self.minutes:
+            self.bar = tqdm(initial=done, total=total, desc="rounds", unit="round", disable=not self.enabled)
+            return
+        self.bar = tqdm(initial=min(spent, max_train_seconds) / 60, total=max_train_seconds / 60,
+                        desc="training minutes", unit="min", disable=not self.enabled,
+                        bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} min [{elapsed}<{remaining}{postfix}]")
+
+    def round_done(self, done: int, row: dict) -> None:
+        _advance(self.bar, train_seconds(row) / 60 if self.minutes else 1)
+        self.bar.set_postfix(round=done, reward=f"{row['reward_mean']:.3f}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_rounds(ctx: RunContext, reward_fn, rounds: int | None = None, progress: bool | RoundsProgress = True,
                held_out: HeldOut | None = None, max_train_seconds: float | None = None) -> int:
     """Rounds from the first incomplete one up to `rounds` (default: rl.epochs), or until the training
     seconds (rollout + reward + update, summed over published rounds; evaluations excluded) reach
-    `max_train_seconds`; returns the rounds completed."""
+    `max_train_seconds`; returns the rounds completed. `progress`: draw the default line (True), none (False),
+    or report to the RoundsProgress given."""
     rl = ctx.params.rl
     rl.validate()
     total = rounds if rounds is not None else rl.epochs
@@ -339,36 +370,26 @@ def run_rounds(ctx: RunContext, reward_fn, rounds: int | None = None, progress: 
     ctx.log(precision_choice(rl.rollout_precision, rl.update_precision, ctx.device_type()))
     if start:
         ctx.log(f"{ctx.run}: {start} round(s) already published, resuming at round {start}")
-    spent = sum(_train_seconds(ctx.round_row(r)) for r in range(start))
+    spent = sum(train_seconds(ctx.round_row(r)) for r in range(start))
     if held_out:
         evaluation_stage(ctx, 0, held_out.evaluate, held_out.initial, 0.0)
     done = start
-    bar = _progress(start, total, spent, max_train_seconds, progress and ctx.processes.is_main)
+    if not isinstance(progress, RoundsProgress) or not ctx.processes.is_main:
+        progress = RoundsProgress(enabled=progress is True and ctx.processes.is_main)
+    progress.start(start, total, spent, max_train_seconds)
     while done < total and (max_train_seconds is None or not done or spent < max_train_seconds):
         rollout_stage(ctx, done)
         score_stage(ctx, done, reward_fn)
         update_stage(ctx, done)
         row = ctx.round_row(done)
-        spent, done = spent + _train_seconds(row), done + 1
-        _advance(bar, _train_seconds(row) / 60 if max_train_seconds is not None else 1)
-        bar.set_postfix(round=done, reward=f"{row['reward_mean']:.3f}")
+        spent, done = spent + train_seconds(row), done + 1
+        progress.round_done(done, row)
         if held_out and held_out.every and done % held_out.every == 0:
             evaluation_stage(ctx, done, held_out.evaluate, train_seconds=spent)
-    bar.close()
+    progress.close()
     if held_out:  # the run ends with its final policy evaluated (skipped when already published)
         evaluation_stage(ctx, done, held_out.evaluate, train_seconds=spent)
     return done
-
-
-def _progress(start: int, total: int, spent: float, max_train_seconds: float | None, enabled: bool):
-    """Rounds against the total, or under a time budget training minutes against the budget (an ETA either way)."""
-    from tqdm.auto import tqdm
-
-    if max_train_seconds is None:
-        return tqdm(initial=start, total=total, desc="rounds", unit="round", disable=not enabled)
-    return tqdm(initial=min(spent, max_train_seconds) / 60, total=max_train_seconds / 60, desc="training minutes",
-                unit="min", bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} min [{elapsed}<{remaining}{postfix}]",
-                disable=not enabled)
 
 
 def _advance(bar, amount: float) -> None:
@@ -377,7 +398,7 @@ def _advance(bar, amount: float) -> None:
     bar.update(min(amount, bar.total - bar.n))
 
 
-def _train_seconds(row: dict) -> float:
+def train_seconds(row: dict) -> float:
     """A round's training seconds: rollout + reward + update (held-out evaluations are not training)."""
     return row["seconds_rollout"] + row["seconds_reward"] + row["seconds_update"]
 
@@ -388,7 +409,7 @@ def round_metrics(ctx: RunContext) -> list[dict]:
     rows, spent = [], 0.0
     for r in range(ctx.completed_rounds()):
         row = ctx.round_row(r)
-        spent += _train_seconds(row)
+        spent += train_seconds(row)
         rows.append({**row, "train_seconds": spent})
     return rows
 

@@ -113,14 +113,17 @@ def test_rounds_run_against_a_real_s3_server(tmp_path, s3_env):
 
 
 def test_the_minutes_bar_takes_a_last_round_far_past_the_budget():
-    from elborl.rounds import _advance, _progress
+    from elborl.rounds import RoundsProgress
 
-    bar = _progress(0, 100, 0.0, max_train_seconds=60.0, enabled=True)  # a 1-minute budget
-    _advance(bar, 0.4)
-    _advance(bar, 2.5)  # the last round of a large model: minutes past the budget
-    assert bar.n == bar.total == 1.0 and "1.0/1.0 min" in str(bar)
-    bar.close()
-    rounds = _progress(0, 3, 0.0, None, enabled=True)
-    _advance(rounds, 1)
-    assert rounds.n == 1
+    row = {"reward_mean": 0.5, "seconds_reward": 0.0, "seconds_update": 0.0}
+    minutes = RoundsProgress()
+    minutes.start(0, 100, 0.0, max_train_seconds=60.0)  # a 1-minute budget
+    minutes.round_done(1, {**row, "seconds_rollout": 24.0})
+    minutes.round_done(2, {**row, "seconds_rollout": 150.0})  # the last round of a large model: minutes past it
+    assert minutes.bar.n == minutes.bar.total == 1.0 and "1.0/1.0 min" in str(minutes.bar)
+    minutes.close()
+    rounds = RoundsProgress()
+    rounds.start(0, 3, 0.0, None)
+    rounds.round_done(1, {**row, "seconds_rollout": 24.0})
+    assert rounds.bar.n == 1
     rounds.close()
