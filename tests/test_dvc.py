@@ -63,8 +63,9 @@ def tiny_params() -> dict:
     return params
 
 
-def make_repo(repo: Path) -> Path:
-    """A fresh git repository with the project's pipeline, code, DVC config and a tiny params.yaml."""
+def make_repo(repo: Path, params: dict | None = None, pretrain_flags: str = "") -> Path:
+    """A fresh git repository with the project's pipeline, code, DVC config and a tiny params.yaml (or `params`),
+    the pretrain stage given `pretrain_flags`."""
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name in ("elborl", "stages"):
         shutil.copytree(ROOT / name, repo / name, ignore=ignore)
@@ -73,8 +74,10 @@ def make_repo(repo: Path) -> Path:
         shutil.copy2(ROOT / name, repo / name)
     dvc_yaml = (ROOT / "dvc.yaml").read_text()
     assert "threads: 2" in dvc_yaml
-    (repo / "dvc.yaml").write_text(dvc_yaml.replace("threads: 2", "threads: 1"))  # one CPU thread in tests
-    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    assert 'pretrain_flags: ""' in dvc_yaml
+    dvc_yaml = dvc_yaml.replace("threads: 2", "threads: 1")  # one CPU thread in tests
+    (repo / "dvc.yaml").write_text(dvc_yaml.replace('pretrain_flags: ""', f'pretrain_flags: "{pretrain_flags}"'))
+    (repo / "params.yaml").write_text(yaml.safe_dump(params or tiny_params(), sort_keys=False))
     run(repo, "git", "init", "-q", "-b", "main")
     run(repo, "git", "config", "user.email", "test@example.com")
     run(repo, "git", "config", "user.name", "test")
@@ -122,6 +125,11 @@ def test_repro_runs_end_to_end_then_is_a_noop_and_a_forced_run_reproduces_the_sa
     assert not (repo / "pipeline/.pretrain-cache").exists()
     shown = dvc(repo, "metrics", "show", "--json").stdout
     assert '"fine_tuned"' in shown and '"overall"' in shown
+    plots = json.loads(dvc(repo, "plots", "show", "--json").stdout)["data"]  # per-round curves, as DVC renders them
+    for title, field in (("training reward", "reward_mean"), ("KL to the reference (reward-hacking monitor)", "kl")):
+        values = plots[title][0]["content"]["data"]["values"]
+        assert [int(v["round"]) for v in values] == list(range(TINY_PARAMS["rl"]["epochs"]))
+        assert all(float(v[field]) >= 0 for v in values), values
 
     again = dvc(repo, "repro")  # a copy (new inodes and mtimes) of an up-to-date workspace is still up to date
     assert "Running stage" not in again.stdout and "Data and pipelines are up to date." in again.stdout
@@ -191,3 +199,26 @@ def test_push_to_s3_then_pull_into_a_fresh_clone_and_into_an_emptied_cache(repro
     shutil.rmtree(repo / ".dvc/cache")
     dvc(repo, "pull")
     assert snapshot(repo) == expected
+
+
+def test_repro_runs_the_tiny_sd3_through_every_stage(tmp_path):
+    """The production code path (an SD3 MMDiT in latent space, LoRA on its attention) through `dvc repro`: the
+    pretrain stage takes the tiny SD3 instead of pretraining, every later stage runs on it unchanged."""
+    from test_sd3_pipeline import SETTINGS
+
+    params = tiny_params()
+    for key, value in SETTINGS.items():
+        params[key] = {**params[key], **value}
+    params["rl"]["recipe"] = ""  # the tiny settings as given, no preset laid over them
+    repo = make_repo(tmp_path / "repo", params, pretrain_flags="--take tiny-sd3")
+    first = dvc(repo, "repro").stdout
+    for name in STAGES:
+        assert f"Running stage '{name}'" in first, first
+    base = repo / "pipeline/base_model"
+    assert (base / "model_index.json").exists() and (base / "transformer").is_dir()
+    assert json.loads((base / "pretrain_log.json").read_text())["taken"] == "tiny-sd3"
+    final = json.loads((repo / "pipeline/eval/final/manifest.json").read_text())
+    assert final["meta"]["policy_state"] == "pipeline/run/round-00001/update"
+    metrics = json.loads((repo / "pipeline/metrics.json").read_text())
+    assert metrics["train"]["rounds"] == 2 and "pretrain" not in metrics
+    assert "pipeline/base_model (files sha256" in (repo / "pipeline/report.html").read_text()
