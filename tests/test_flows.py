@@ -434,3 +434,23 @@ def test_campaign_chains_prepare_pretrain_train_evaluate_and_publishes_metrics(p
     assert result["report"] == str(root / "runs" / "run" / "report.html")
     assert "| held-out score (strict) |" in Artifact.get("run-report-summary").data
     assert "<h2>Samples on the same prompts and seeds</h2>" in Path(result["report"]).read_text()
+
+
+def test_campaign_runs_the_tiny_sd3_with_every_stage_as_its_own_job(prefect_server, inputs, tmp_path):
+    """The production code path (SD3 in latent space) through the Prefect campaign, each stage a subprocess."""
+    from elborl.store import ArtifactStore
+    from flows.campaign import campaign
+    from stages.pretrain import TINY_SD3, take_base_model
+    from test_sd3_pipeline import SETTINGS
+
+    (tmp_path / "sd3").mkdir()
+    take_base_model(TINY_SD3, tmp_path / "sd3")
+    base = str(tmp_path / "store" / "sd3")
+    ArtifactStore().put_artifact(tmp_path / "sd3", base)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({**SETTINGS, "prompts": {"train_per_task": 3}}))
+    root = tmp_path / "campaign"
+    result = campaign(root=str(root), params_path=str(params), rounds=1, threads=1, base_model=base, mode="container")
+    assert result["base_model"] == base and result["training"]["rounds_completed"] == 1
+    assert (root / "runs/run/round-00000/update/manifest.json").exists()
+    assert set(result["scores"]) == {"base", "round-00000"}
