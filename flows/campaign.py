@@ -1,8 +1,10 @@
-"""The campaign flow: prepare prompts -> pretrain (or take) the base model -> train -> evaluate -> publish metrics.
+"""The campaign flow: prepare (or take) prompts -> pretrain (or take) the base model -> train -> evaluate -> publish
+metrics.
 
     python -m flows.campaign [--root artifacts/campaign] [--params params.yaml] [--rounds N] [--mode process|container]
+                             [--base-model URI] [--prompts URI]
 
-Artifacts live under `root`:  prompts/, base/ (unless `base_model` is given), runs/<run_name>/round-R/...,
+Artifacts live under `root`:  prompts/ (unless `prompts` is given), base/ (unless `base_model` is given), runs/<run_name>/round-R/...,
 eval/<run_name>/{base,round-R}/. Every step is skipped when its artifact is already published, so a scheduled
 campaign re-run continues a killed one and a finished campaign costs only the checks.
 """
@@ -22,7 +24,7 @@ def campaign(root: str = "artifacts/campaign", params_path: str = "params.yaml",
              mode: str = "process", reward: str | None = None, base_model: str | None = None,
              run_name: str = "run", launcher: str | None = None, threads: int | None = None,
              pretrain_cache: str = "artifacts/base_model", cache: str | None = None,
-             reward_url: str | None = None) -> dict:
+             reward_url: str | None = None, prompts: str | None = None) -> dict:
     """The whole pipeline; returns the URIs, the training flow's result and the evaluation summaries."""
     from elborl.rounds import RunContext, join, round_metrics
     from elborl.config import load_params
@@ -30,10 +32,15 @@ def campaign(root: str = "artifacts/campaign", params_path: str = "params.yaml",
     check_mode(mode)
     logger = get_run_logger()
     root, params_path = resolve_path(root), resolve_path(params_path)
-    prompts, run, eval_out = join(root, "prompts"), join(root, "runs", run_name), join(root, "eval", run_name)
+    run, eval_out = join(root, "runs", run_name), join(root, "eval", run_name)
 
-    stage_task.with_options(task_run_name="prepare_prompts")(
-        "prepare_prompts", params_path, mode, launcher, threads, out=prompts)
+    if prompts is None:  # the shapes world's; production gives its own (GenEval's training prompts)
+        prompts = join(root, "prompts")
+        stage_task.with_options(task_run_name="prepare_prompts")(
+            "prepare_prompts", params_path, mode, launcher, threads, out=prompts)
+    else:
+        prompts = resolve_path(prompts)
+        logger.info(f"prompts given: {prompts}")
     if base_model is None:
         base_model = join(root, "base")
         stage_task.with_options(task_run_name="pretrain")(
@@ -81,12 +88,14 @@ def main(argv=None) -> None:
     parser.add_argument("--reward", default=None, help="one reward alone (default: the params file's rewards)")
     parser.add_argument("--reward-url", default=None, help="a reward service (token from $ELBORL_REWARD_TOKEN)")
     parser.add_argument("--base-model", default=None, help="a published base model (default: pretrain one)")
+    parser.add_argument("--prompts", default=None, help="a published prompt set: train.jsonl and test.jsonl "
+                        "(default: the shapes world's, prepared)")
     parser.add_argument("--run-name", default="run")
     parser.add_argument("--launcher", default=None)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     result = campaign(args.root, args.params, args.rounds, args.mode, args.reward, args.base_model, args.run_name,
-                      args.launcher, args.threads, reward_url=args.reward_url)
+                      args.launcher, args.threads, reward_url=args.reward_url, prompts=args.prompts)
     print(json.dumps({name: summary["overall"] for name, summary in result["scores"].items()}))
 
 

@@ -448,9 +448,11 @@ def test_campaign_runs_the_tiny_sd3_with_every_stage_as_its_own_job(prefect_serv
     base = str(tmp_path / "store" / "sd3")
     ArtifactStore().put_artifact(tmp_path / "sd3", base)
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({**SETTINGS, "prompts": {"train_per_task": 3}}))
+    params.write_text(yaml.safe_dump(SETTINGS))
     root = tmp_path / "campaign"
-    result = campaign(root=str(root), params_path=str(params), rounds=1, threads=1, base_model=base, mode="container")
-    assert result["base_model"] == base and result["training"]["rounds_completed"] == 1
+    result = campaign(root=str(root), params_path=str(params), rounds=1, threads=1, base_model=base, mode="container",
+                      prompts=inputs["prompts"])
+    assert result["base_model"] == base and result["prompts"] == inputs["prompts"] and not (root / "prompts").exists()
+    assert result["training"]["rounds_completed"] == 1
     assert (root / "runs/run/round-00000/update/manifest.json").exists()
     assert set(result["scores"]) == {"base", "round-00000"}

@@ -1,16 +1,52 @@
 """Paired differences of the 16-image finals of docs/experiments/2026-12-07-method-fidelity.md (run from the repository
-root, with the reevaluate --out files copied into finals/ beside it): each final and the base model with its 95% interval, and each pair."""
+root, with the reevaluate --out files copied into finals/ beside it): each final and each sitting's base model with its
+95% interval, and each pair. A sitting is one machine: its runs trained side by side and are compared within it; the
+base model was evaluated again in each sitting (same weights, same seeds)."""
 
 import json
 from pathlib import Path
+
 from elborl.stats import bootstrap_overall, overall, paired_difference, task_table
+
 finals = Path(__file__).parent / "finals"  # copies of the reevaluate --out files
-kept = {**json.load(open(f"{finals}/base-and-flow_grpo-seed0.json")), **json.load(open(f"{finals}/elbo-seed0.json"))}
-records = {("base" if label == "base" else label.rstrip("/").split("/")[-2]): v["records"] for label, v in kept.items()}
-for name, recs in records.items():
-    low, high = bootstrap_overall(recs)
-    tasks = {t: round(v[0], 3) for t, v in task_table(recs).items() if t != "overall"}
-    print(f"{name}: {overall(recs):.3f} ({low:.3f}-{high:.3f}) n={len(recs)} {tasks}")
-for a, b in (("elbo", "base"), ("flow_grpo", "base"), ("elbo", "flow_grpo")):
-    d = paired_difference(records[a], records[b])
-    print(f"{a} - {b}: {d['difference']:+.3f} ({d['low']:+.3f} to {d['high']:+.3f})")
+SITTINGS = {  # sitting -> (its files, the pairs compared within it)
+    "Xeon (AVX-512 BF16, AMX), session 17": (
+        ["base-and-flow_grpo-seed0.json", "elbo-seed0.json"],
+        [("elbo seed0", "base"), ("flow_grpo seed0", "base"), ("elbo seed0", "flow_grpo seed0")]),
+    "EPYC (AVX-512 BF16), session 18": (
+        ["base-and-nft-seed0.json", "elbo-seed1.json"],
+        [("elbo seed1", "base"), ("nft seed0", "base"), ("elbo seed1", "nft seed0")]),
+}
+
+
+def label(path: str) -> str:
+    """'artifacts/bench/efficiency60/runs/elbo/seed0' -> 'elbo seed0'; the base model -> 'base'."""
+    return "base" if path == "base" else " ".join(path.rstrip("/").split("/")[-2:])
+
+
+def main() -> None:
+    bases = {}
+    for sitting, (files, pairs) in SITTINGS.items():
+        present = [name for name in files if (finals / name).exists()]
+        if len(present) < len(files):
+            print(f"{sitting}: missing {sorted(set(files) - set(present))}")
+            continue
+        kept = {k: v for name in files for k, v in json.loads((finals / name).read_text()).items()}
+        records = {label(path): value["records"] for path, value in kept.items()}
+        bases[sitting] = records["base"]
+        print(f"\n{sitting}")
+        for name, recs in records.items():
+            low, high = bootstrap_overall(recs)
+            tasks = {t: round(v[0], 3) for t, v in task_table(recs).items() if t != "overall"}
+            print(f"  {name}: {overall(recs):.3f} ({low:.3f}-{high:.3f}) n={len(recs)} {tasks}")
+        for a, b in pairs:
+            d = paired_difference(records[a], records[b])
+            print(f"  {a} - {b}: {d['difference']:+.3f} ({d['low']:+.3f} to {d['high']:+.3f})")
+    if len(bases) == 2:
+        first, second = bases.values()
+        same = sum(x["correct"] == y["correct"] for x, y in zip(first, second))
+        print(f"\nthe base model's verdicts agree between the sittings on {same} of {len(first)} images")
+
+
+if __name__ == "__main__":
+    main()
