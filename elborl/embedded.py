@@ -33,8 +33,8 @@ from elborl.runtime import cpu_description, precision_choice, resolve_device, re
 # Seconds the main job's phases took at 2 threads on 2-core CPUs, by the rollouts' precision there (bfloat16 where
 # the CPU computes it natively, else float32): the plan's first estimate, before this machine has run a round
 # (docs/embedded-default.md#how-long-the-main-job-takes).
-REFERENCE_SECONDS = {"bfloat16": {"round": 19.0, "evaluation": 55.0, "pretrain": 1000.0},
-                     "float32": {"round": 41.0, "evaluation": 120.0, "pretrain": 2000.0}}
+REFERENCE_SECONDS = {"bfloat16": {"round": 19.0, "evaluation": 55.0, "pretrain": 1500.0},
+                     "float32": {"round": 41.0, "evaluation": 120.0, "pretrain": 1500.0}}
 COPY_SECONDS = 5.0
 DEFAULT_RL_MINUTES = 18.0
 
@@ -137,7 +137,8 @@ class JobProgress(RoundsProgress):
 
     def seconds_left(self, done: int) -> float:
         end = self.last_round(done)
-        return (end - done) * sum(self.wall) / len(self.wall) + evaluations_to_go(done, end, self.eval_every) * self.evaluation_seconds
+        per_round = sum(self.wall) / len(self.wall)
+        return (end - done) * per_round + evaluations_to_go(done, end, self.eval_every) * self.evaluation_seconds
 
 
 def evaluations_to_go(done: int, end: int, every: int) -> int:
@@ -177,13 +178,14 @@ def plan(params, test, train_set, base_source: str, threads: int, rl_minutes: fl
             cap = f", stopping after {rl_minutes:g} training minutes if that comes first"
         evaluation_count = evaluations_to_go(0, rounds, params.eval_every)
         seconds += rounds * reference["round"] + evaluation_count * reference["evaluation"]
-        lines += [f"  4. RL ({rl.recipe or 'no'} recipe): {rl.epochs} rounds of {rl.prompts_per_epoch * rl.group_size} images"
-                  f"{cap}; the EMA policy evaluated every {params.eval_every} rounds and at the end",
+        images_per_round = rl.prompts_per_epoch * rl.group_size
+        lines += [f"  4. RL ({rl.recipe or 'no'} recipe): {rl.epochs} rounds of {images_per_round} images{cap}; "
+                  f"the EMA policy evaluated every {params.eval_every} rounds and at the end",
                   "  5. the before/after table, the curves and the run report",
                   "  " + precision_choice(rl.rollout_precision, rl.update_precision, device)]
-    if costs_as_reference(params):
-        lines.append(f"  expected: about {format_duration(seconds)} on a 2-core CPU computing in {precision} "
-                     f"(measured reference); the progress line times this machine")
+    if costs_as_reference(params) and threads == 2:
+        lines.append(f"  expected: about {format_duration(seconds)} (measured on 2-core CPUs computing in {precision}, "
+                     "2 threads); the progress line times this machine")
     else:
         lines.append("  expected: no reference timing for these settings; the progress line times them")
     return "\n".join(lines)

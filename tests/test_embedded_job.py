@@ -104,7 +104,8 @@ def test_the_plan_states_the_reference_duration_for_the_default_settings():
     stated = plan(params, test, train_set, "shipped", 2, 18.0, skip_rl=False)
     assert "copy the shipped weights" in stated and "244 held-out images" in stated
     assert f"{params.rl.epochs} rounds of 64 images, stopping after 18 training minutes" in stated
-    assert "expected: about" in stated and "min on a 2-core CPU computing in" in stated
+    assert "expected: about" in stated and "min (measured on 2-core CPUs computing in" in stated
+    assert "no reference timing" in plan(params, test, train_set, "shipped", 1, 18.0, skip_rl=False)  # 1 thread
     bigger = replace(params, rl=replace(params.rl, group_size=16))
     assert "no reference timing" in plan(bigger, test, train_set, "shipped", 2, 18.0, skip_rl=False)
     reseeded = replace(params, rl=replace(params.rl, seed=7))
