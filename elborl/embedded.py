@@ -33,7 +33,7 @@ from elborl.runtime import cpu_description, precision_choice, resolve_device, re
 # Seconds the main job's phases took at 2 threads on 2-core CPUs, by the rollouts' precision there (bfloat16 where
 # the CPU computes it natively, else float32): the plan's first estimate, before this machine has run a round
 # (docs/embedded-default.md#how-long-the-main-job-takes).
-REFERENCE_SECONDS = {"bfloat16": {"round": 19.0, "evaluation": 55.0, "pretrain": 1500.0},
+REFERENCE_SECONDS = {"bfloat16": {"round": 17.0, "evaluation": 60.0, "pretrain": 1500.0},
                      "float32": {"round": 41.0, "evaluation": 120.0, "pretrain": 1500.0}}
 COPY_SECONDS = 5.0
 DEFAULT_RL_MINUTES = 18.0
