@@ -3,9 +3,10 @@
     python -m elborl.embedded [--params params.yaml] [--set KEY=VALUE ...] [--minutes M] [--skip-rl]   (or: elborl run)
 
 It prints its plan and an expected duration first, then one progress line over the RL rounds and evaluations with
-the time left, and ends with the table and the run report's path. Every phase resumes: the base model is cached by its settings, the RL run by its settings too (a killed run
-continues at its first unpublished round), and the final table compares the base model with the EMA policy.
-The RL run is the rounds run of `elborl.rounds` in one process: the artifacts the pipeline's stages publish.
+the time left, and ends with the table and the run report's path. Every phase resumes: the base model is cached by
+its settings, the RL run by its settings too (a killed run continues at its first unpublished round), and the
+final table compares the base model with the EMA policy. The RL run is the rounds run of `elborl.rounds` in one
+process: the artifacts the pipeline's stages publish.
 """
 
 from dataclasses import asdict, replace
