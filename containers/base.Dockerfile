@@ -69,6 +69,8 @@ ENV PYTHONUNBUFFERED=1 \
 WORKDIR /app
 # Stage CLIs read ./params.yaml by default (--params overrides it, e.g. with a mounted file).
 COPY --chown=1000:1000 params.yaml /app/params.yaml
+# The production presets (configs/sd35m-geneval.yaml: the multi-GPU deployment of prefect.yaml reads it).
+COPY --chown=1000:1000 configs/ /app/configs/
 # The Prefect flows and deployments (flows/, prefect.yaml): docker/kubernetes work pools run them from /app.
 COPY --chown=1000:1000 prefect.yaml /app/prefect.yaml
 COPY --chown=1000:1000 flows/ /app/flows/

@@ -28,7 +28,7 @@ class Command:
         if self.is_stage:  # a stage's main takes parsed arguments and settings; run_stage reads and checks both
             from stages._common import run_stage
 
-            run_stage(module.main, module.build_parser(prog), argv)
+            run_stage(module.main, module.build_parser(prog), argv, getattr(module, "DATA_PARALLEL", False))
         else:
             module.main(argv, prog)
 

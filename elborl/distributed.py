@@ -5,10 +5,12 @@ A round splits as the method needs it (METHOD.md §2-§4): every group of G samp
 so rollouts and rewards are computed where the group was sampled and gathered before the group advantages;
 the update's micro-batches are dealt round-robin and their gradients summed over processes before each
 optimizer step, so every process takes the same step and holds the same weights; one process writes the
-artifacts. With one process every method here is the identity.
+artifacts. A held-out evaluation splits its images into near-equal consecutive shares (each image has its own
+seed, so a share samples what one process would), gathered before the scores are summed up. With one process
+every method here is the identity.
 
 The process group comes from accelerate (`PartialState`: gloo on CPU, NCCL on GPUs); the collectives are
-torch.distributed's.
+torch.distributed's, on the device the backend moves (NCCL only moves CUDA tensors).
 """
 
 from dataclasses import dataclass
@@ -46,6 +48,11 @@ class Processes:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @staticmethod
+    def launched_rank() -> int:
+        """This process's rank as the launcher set it, without joining the process group (0 when not launched)."""
+        return int(os.environ.get("RANK", "0"))
+
     # --- shares -------------------------------------------------------------------------------------
     def group_share(self, groups: int) -> range:
         """The consecutive groups this process samples and scores (equal shares; checked by `check_groups`)."""
@@ -63,6 +70,11 @@ class Processes:
         share = self.group_share(groups)
         return slice(share.start * group_size, share.stop * group_size)
 
+    def even_share(self, items: int) -> slice:
+        """This process's consecutive share of `items`: ceil(items / world) each, the last ones shorter."""
+        per_process = -(-items // self.world)
+        return slice(min(items, self.rank * per_process), min(items, (self.rank + 1) * per_process))
+
     def owns_micro_batch(self, index: int) -> bool:
         """Micro-batches of an optimizer step are dealt round-robin."""
         return index % self.world == self.rank
@@ -72,9 +84,10 @@ class Processes:
         """Every process's equally long `tensor` concatenated in rank order along dim 0."""
         if self.world == 1:
             return tensor
-        parts = [torch.empty_like(tensor) for _ in range(self.world)]
-        dist.all_gather(parts, tensor.contiguous())
-        return torch.cat(parts)
+        moved = _on_backend_device(tensor.contiguous())
+        parts = [torch.empty_like(moved) for _ in range(self.world)]
+        dist.all_gather(parts, moved)
+        return torch.cat(parts).to(tensor.device)
 
     def gather_objects(self, value) -> list:
         """Every process's picklable `value` in rank order (small metadata only: statistics, score lists)."""
@@ -82,6 +95,15 @@ class Processes:
             return [value]
         values = [None] * self.world
         dist.all_gather_object(values, value)
+        return values
+
+    def gather_to_main(self, value) -> list | None:
+        """Every process's picklable `value` in rank order on the main process, None on the others (large
+        results only the main process writes, such as a held-out evaluation's images)."""
+        if self.world == 1:
+            return [value]
+        values = [None] * self.world if self.is_main else None
+        dist.gather_object(value, values, dst=0)
         return values
 
     def sum_gradients(self, parameters) -> None:
@@ -97,13 +119,21 @@ class Processes:
         """The main process's `value`, on every process (a decision all must take alike)."""
         if self.world == 1:
             return value
-        flag = torch.tensor([int(value)])
+        flag = _on_backend_device(torch.tensor([int(value)]))
         dist.broadcast(flag, src=0)
         return bool(flag.item())
 
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+
+def _on_backend_device(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` where the process group's backend can send it: NCCL only moves CUDA tensors (this process's GPU,
+    which accelerate selected), gloo CPU ones."""
+    if dist.get_backend() == "nccl":
+        return tensor.to(torch.device("cuda", torch.cuda.current_device()))
+    return tensor.cpu()
 
 
 SINGLE = Processes()

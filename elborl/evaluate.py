@@ -11,10 +11,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pydantic import Field
 
+from elborl.distributed import SINGLE, Processes
 from elborl.geneval.scoring import GenEvalScorer, summarize
 from elborl.sampling import ODE_SAMPLERS, sample
 from elborl.settings import Float, Int, OneOf, Str, section
 from elborl.shapes.detector import PaletteColorClassifier, ShapesDetector
+
+
+SCORERS = ("shapes", "geneval")
 
 
 @section("evaluate")
@@ -33,54 +37,96 @@ class EvalConfig:
         "The first image's seed, then one more per image; far above rollout seeds, so the two never overlap."
     ))] = 1_000_000
     batch_size: Annotated[Int, Field(gt=0, description="Images per forward pass: memory and speed, not results.")] = 128
+    scorer: Annotated[Str, OneOf(SCORERS, "scorer"), Field(description=(
+        "Who gives the strict verdicts: `shapes` (the shapes world's detector) or `geneval` (GenEval's own "
+        "Mask2Former and CLIP colours on real images; weights from rewards.paths.geneval)."
+    ))] = "shapes"
 
 
 def shapes_scorer() -> GenEvalScorer:
     return GenEvalScorer(ShapesDetector(), PaletteColorClassifier())
 
 
-def sample_images(model, metas: list[dict], config: EvalConfig = EvalConfig(), progress=True):
-    """`images_per_prompt` images of every prompt, one seed each: (metadata per image, seeds, uint8 images)."""
+def held_out_scorer(config: EvalConfig, rewards) -> GenEvalScorer:
+    """The scorer `config.scorer` names; GenEval's is built as the `geneval` reward is (its weights from the
+    rewards section's paths)."""
+    if config.scorer == "shapes":
+        return shapes_scorer()
+    from elborl.rewards import configured_reward
+
+    if "geneval" not in rewards.paths:
+        raise ValueError("evaluate.scorer: geneval needs the location of GenEval's detector and CLIP weights: "
+                         "rewards.paths.geneval (a local directory or an s3:// artifact)")
+    return configured_reward("geneval", rewards).scorer
+
+
+def sample_images(model, metas: list[dict], config: EvalConfig = EvalConfig(), progress=True,
+                  share: slice = slice(None)):
+    """`images_per_prompt` images of every prompt, one seed each, or the `share` of them given (the same images,
+    each image having its own seed): (metadata per image, seeds, uint8 images)."""
     expanded = [m for m in metas for _ in range(config.images_per_prompt)]
     seeds = [config.seed + i for i in range(len(expanded))]
+    expanded, seeds = expanded[share], seeds[share]
+    if not expanded:  # a process with no share (fewer images than processes)
+        return [], [], None
     x0 = sample(model, [m["prompt"] for m in expanded], seeds, config.sampler, config.steps, config.shift,
                 config.guidance, config.batch_size, progress)
     return expanded, seeds, model.to_images(x0)
 
 
-def evaluate(model, metas: list[dict], config: EvalConfig = EvalConfig(), scorer=None, progress=True):
-    """GenEval's strict score (default: the shapes scorer). Returns (summary dict, per-image records, uint8 images)."""
+def evaluate(model, metas: list[dict], config: EvalConfig = EvalConfig(), scorer=None, progress=True,
+             processes: Processes = SINGLE):
+    """GenEval's strict score (default: the shapes scorer). Returns (summary dict, per-image records, uint8 images).
+
+    Under data parallelism each process samples and scores its share of the images; every process returns the
+    summary and all records, the main process alone the images (None elsewhere)."""
     scorer = scorer or shapes_scorer()
-    expanded, seeds, images = sample_images(model, metas, config, progress)
-    scores = scorer.score(images, expanded)
-    summary = summarize([m["tag"] for m in expanded], [s.correct for s in scores])
-    summary["mean_reward"] = float(np.mean([s.reward for s in scores]))
+    share = processes.even_share(len(metas) * config.images_per_prompt)
+    expanded, seeds, images = sample_images(model, metas, config, progress and processes.is_main, share)
+    scores = scorer.score(images, expanded) if expanded else []
     records = [{"prompt": m["prompt"], "tag": m["tag"], "seed": seed, "correct": s.correct,
                 "reward": s.reward, "reasons": s.reasons} for m, seed, s in zip(expanded, seeds, scores)]
+    records, images = _gathered(processes, records, images)
+    summary = summarize([r["tag"] for r in records], [r["correct"] for r in records])
+    summary["mean_reward"] = float(np.mean([r["reward"] for r in records]))
     return summary, records, images
 
 
-def evaluate_metrics(model, metas: list[dict], config: EvalConfig, metrics: dict, progress=True):
+def evaluate_metrics(model, metas: list[dict], config: EvalConfig, metrics: dict, progress=True,
+                     processes: Processes = SINGLE):
     """Any metrics (reward callables by name, e.g. `make_reward("clipscore", path=...)`) on a prompt set.
 
     Returns (summary, per-image records, uint8 images); the summary holds, per metric, its mean per task
     (meta["tag"], in order of first appearance) and overall, the unweighted mean of the task means (GenEval's
     convention: a task counts once whatever its size): {"metrics": {name: {"tasks": {tag: mean}, "overall": x}},
-    "n_images": N}.
+    "n_images": N}. Data parallel as `evaluate` is.
     """
-    expanded, seeds, images = sample_images(model, metas, config, progress)
-    tags = np.array([m["tag"] for m in expanded])
+    share = processes.even_share(len(metas) * config.images_per_prompt)
+    expanded, seeds, images = sample_images(model, metas, config, progress and processes.is_main, share)
     records = [{"prompt": m["prompt"], "tag": m["tag"], "seed": seed} for m, seed in zip(expanded, seeds)]
-    summary = {"metrics": {}, "n_images": len(expanded)}
     for name, metric in metrics.items():
-        values = np.asarray(metric(images, expanded), dtype=np.float64).reshape(-1)
-        if values.shape != (len(images),):
-            raise ValueError(f"metric {name!r} returned {values.size} values for {len(images)} images")
-        tasks = {str(tag): float(values[tags == tag].mean()) for tag in dict.fromkeys(tags)}
-        summary["metrics"][name] = {"tasks": tasks, "overall": float(np.mean(list(tasks.values())))}
+        values = np.asarray(metric(images, expanded) if expanded else [], dtype=np.float64).reshape(-1)
+        if values.shape != (len(expanded),):
+            raise ValueError(f"metric {name!r} returned {values.size} values for {len(expanded)} images")
         for record, value in zip(records, values):
             record[name] = float(value)
+    records, images = _gathered(processes, records, images)
+    tags = np.array([r["tag"] for r in records])
+    summary = {"metrics": {}, "n_images": len(records)}
+    for name in metrics:
+        values = np.array([r[name] for r in records])
+        tasks = {str(tag): float(values[tags == tag].mean()) for tag in dict.fromkeys(tags)}
+        summary["metrics"][name] = {"tasks": tasks, "overall": float(np.mean(list(tasks.values())))}
     return summary, records, images
+
+
+def _gathered(processes: Processes, records: list[dict], images: np.ndarray | None):
+    """Every process's records (on every process) and images (on the main process, None elsewhere), in order."""
+    if processes.world == 1:
+        return records, images
+    records = [record for part in processes.gather_objects(records) for record in part]
+    parts = processes.gather_to_main(images)
+    return records, (np.concatenate([p for p in parts if p is not None]) if parts is not None else None)
 
 
 def write_evaluation(out_dir: str | Path, summary: dict, records: list[dict], images: np.ndarray) -> dict:

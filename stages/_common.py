@@ -8,6 +8,7 @@ import torch
 from botocore.exceptions import BotoCoreError, ClientError
 
 from elborl.config import add_params_options, load_params_with_overrides
+from elborl.distributed import Processes
 from elborl.rewards import REWARDS
 from elborl.rewards.service import RewardServiceError
 
@@ -29,8 +30,13 @@ def add_reward_options(parser: argparse.ArgumentParser) -> None:
                         help="compute the rewards with the reward service at this URL (token from $ELBORL_REWARD_TOKEN)")
 
 
-def run_stage(main, parser: argparse.ArgumentParser, argv=None) -> None:
+def run_stage(main, parser: argparse.ArgumentParser, argv=None, data_parallel: bool = False) -> None:
+    """Parses the command line and runs `main(args, params)`, bad input ending in one line. A stage that is not
+    `data_parallel`, launched with several processes (one launcher for every stage of a multi-GPU job), runs in
+    the main process alone: the others leave at once."""
     args = parser.parse_args(argv)
+    if not data_parallel and Processes.launched_rank() != 0:
+        return
     torch.set_num_threads(args.threads)
     try:
         main(args, load_params_with_overrides(args.params, args.set))

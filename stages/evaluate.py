@@ -3,14 +3,18 @@
 The model is the base model, or with --policy-state a round's update artifact evaluated with its EMA weights,
 or with --run the update of the run's last completed round (the final policy; what DVC's pipeline evaluates).
 The prompts are a prompt-set artifact (--prompts, --prompt-file) or a registered held-out set (--prompt-set:
-shapes_geneval, geneval, ocr, drawbench). The score is shapes-GenEval's strict score, or with --metrics any
+shapes_geneval, geneval, ocr, drawbench). The score is GenEval's strict score (evaluate.scorer: the shapes
+world's detector, or GenEval's own on real images), or with --metrics any
 rewards of elborl.rewards by name (model weights from the params file's rewards.paths), averaged per task.
-Publishes scores.json and scores.md (per task and overall), images.jsonl (per image) and grid.png at --out."""
+Publishes scores.json and scores.md (per task and overall), images.jsonl (per image) and grid.png at --out.
+Data parallel when launched with several processes (`accelerate launch`, `torchrun`): each samples and scores
+its share of the images, the main process publishes."""
 
 import contextlib
 
 from elborl.checkpoint import read_state
-from elborl.evaluate import evaluate, evaluate_metrics, format_table, write_evaluation
+from elborl.distributed import Processes
+from elborl.evaluate import evaluate, evaluate_metrics, format_table, held_out_scorer, write_evaluation
 from elborl.geneval.prompts import read_jsonl
 from elborl.models import load_backbone
 from elborl.policy import Policy
@@ -19,6 +23,8 @@ from elborl.rewards import check_reward_name, configured_reward
 from elborl.rounds import RunContext, round_uri
 from elborl.store import ArtifactStore
 from stages._common import run_stage, stage_parser
+
+DATA_PARALLEL = True  # several processes share the stage's work (elborl/distributed.py)
 
 
 def final_policy_state(run: str, params, cache: str | None = None) -> str:
@@ -30,35 +36,48 @@ def final_policy_state(run: str, params, cache: str | None = None) -> str:
 
 
 def main(args, params) -> None:
+    processes = Processes.from_environment()
     policy_state = final_policy_state(args.run, params, args.cache) if args.run else args.policy_state
     names = [name.strip() for name in (args.metrics or "").split(",") if name.strip()]
     for name in names:
         check_reward_name(name, "--metrics")
     store = ArtifactStore()
+    if processes.agree(store.exists(args.out)):
+        print(f"{args.out}: already published, skipped")
+        return
+    summary, records, images = held_out_evaluation(args, params, store, policy_state, names, processes)
+    if processes.is_main:
+        meta = {"stage": "evaluate", "model": args.model, "policy_state": policy_state,
+                "prompts": args.prompt_set or args.prompts, "metrics": names or ["geneval_strict"]}
 
-    def write(directory):
-        model = load_backbone(store.local_artifact(args.model, args.cache), params.runtime)
-        if args.prompt_set:
-            metas = prompt_set(args.prompt_set)
-        else:
-            metas = read_jsonl(store.local_artifact(args.prompts, args.cache) / args.prompt_file)
-        weights = contextlib.nullcontext()
-        if policy_state:
-            print(f"policy: EMA weights of {policy_state}")
-            policy = Policy(model, params.policy)
-            read_state(store.local_artifact(policy_state, args.cache), policy)
-            weights = policy.ema_weights()
-        with weights:
-            if names:
-                metrics = {name: configured_reward(name, params.rewards) for name in names}
-                summary, records, images = evaluate_metrics(model, metas, params.evaluate, metrics)
-            else:
-                summary, records, images = evaluate(model, metas, params.evaluate)
-        write_evaluation(directory, summary, records, images)
+        def write(directory):
+            write_evaluation(directory, summary, records, images)
+
+        store.publish(args.out, write, meta)
         print(format_table(summary["metrics"] if names else {args.name: summary}))
+    processes.barrier()  # the job ends when its evaluation is published
 
-    store.publish(args.out, write, {"stage": "evaluate", "model": args.model, "policy_state": policy_state,
-                                    "prompts": args.prompt_set or args.prompts, "metrics": names or ["geneval_strict"]})
+
+def held_out_evaluation(args, params, store, policy_state, names, processes):
+    """(summary, records, images) of the model (with the policy's EMA weights) on the prompts; every process
+    samples and scores its share of the images."""
+    model = load_backbone(store.local_artifact(args.model, args.cache), params.runtime)
+    if args.prompt_set:
+        metas = prompt_set(args.prompt_set)
+    else:
+        metas = read_jsonl(store.local_artifact(args.prompts, args.cache) / args.prompt_file)
+    weights = contextlib.nullcontext()
+    if policy_state:
+        print(f"policy: EMA weights of {policy_state}")
+        policy = Policy(model, params.policy)
+        read_state(store.local_artifact(policy_state, args.cache), policy)
+        weights = policy.ema_weights()
+    with weights:
+        if names:
+            metrics = {name: configured_reward(name, params.rewards) for name in names}
+            return evaluate_metrics(model, metas, params.evaluate, metrics, processes=processes)
+        scorer = held_out_scorer(params.evaluate, params.rewards)
+        return evaluate(model, metas, params.evaluate, scorer, processes=processes)
 
 
 def build_parser(prog: str | None = None):
@@ -80,4 +99,4 @@ def build_parser(prog: str | None = None):
 
 
 if __name__ == "__main__":
-    run_stage(main, build_parser())
+    run_stage(main, build_parser(), data_parallel=DATA_PARALLEL)

@@ -5,6 +5,8 @@ Publishes <run>/round-R/rollout: images, final samples, and each sample's prompt
 from elborl.rounds import RunContext, rollout_stage
 from stages._common import run_stage, stage_parser
 
+DATA_PARALLEL = True  # several processes share the stage's work (elborl/distributed.py)
+
 
 def main(args, params) -> None:
     ctx = RunContext(args.run, params, args.base_model, args.prompts, cache=args.cache)
@@ -22,4 +24,4 @@ def build_parser(prog: str | None = None):
 
 
 if __name__ == "__main__":
-    run_stage(main, build_parser())
+    run_stage(main, build_parser(), data_parallel=DATA_PARALLEL)

@@ -8,6 +8,8 @@ from elborl.rewards import reward_from_params
 from elborl.rounds import RunContext, score_stage
 from stages._common import add_reward_options, run_stage, stage_parser
 
+DATA_PARALLEL = True  # several processes share the stage's work (elborl/distributed.py)
+
 
 def main(args, params) -> None:
     ctx = RunContext(args.run, params, cache=args.cache)
@@ -25,4 +27,4 @@ def build_parser(prog: str | None = None):
 
 
 if __name__ == "__main__":
-    run_stage(main, build_parser())
+    run_stage(main, build_parser(), data_parallel=DATA_PARALLEL)

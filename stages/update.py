@@ -5,6 +5,8 @@ Publishes <run>/round-R/update: current/old/EMA weights, optimizer and RNG state
 from elborl.rounds import RunContext, update_stage
 from stages._common import run_stage, stage_parser
 
+DATA_PARALLEL = True  # several processes share the stage's work (elborl/distributed.py)
+
 
 def main(args, params) -> None:
     ctx = RunContext(args.run, params, args.base_model, cache=args.cache)
@@ -21,4 +23,4 @@ def build_parser(prog: str | None = None):
 
 
 if __name__ == "__main__":
-    run_stage(main, build_parser())
+    run_stage(main, build_parser(), data_parallel=DATA_PARALLEL)

@@ -104,3 +104,42 @@ def test_the_train_stage_runs_data_parallel_as_launched(tmp_path):
     expected, got = saved_policy(tmp_path / "one", 2), saved_policy(tmp_path / "two", 2)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_every_stage_takes_the_multi_process_launcher(tmp_path):
+    """One launcher for every stage of a multi-GPU job: under two processes the prompts are prepared once (a stage
+    that is not data parallel runs in the main process alone), and the held-out evaluation, each process sampling
+    and scoring half of the images, publishes the scores, verdicts and grid one process publishes. Its sampling
+    batches are the shares (batch_size = a share), so the images are the same to the bit."""
+    from test_rounds import published_inputs
+    import yaml
+
+    base, _ = published_inputs(tmp_path, str(tmp_path / "store"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two_processes = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "--"]
+
+    def stage(launcher, name, params, *options):
+        done = subprocess.run([*launcher, f"stages.{name}", "--params", str(params), "--threads", "1", *options],
+                              capture_output=True, text=True, timeout=600, env=env, cwd=HERE.parent)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    prompts = tmp_path / "store" / "shapes_prompts"
+    out = stage(two_processes, "prepare_prompts", HERE.parent / "params.yaml", "--out", str(prompts))
+    assert out.count(str(prompts)) >= 1 and (prompts / "manifest.json").exists()
+    tests = len((prompts / "test.jsonl").read_text().splitlines())
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"evaluate": {"images_per_prompt": 1, "steps": 2, "batch_size": -(-tests // 2)}}))
+    evaluate = ["--model", base, "--prompts", str(prompts)]
+    two = stage(two_processes, "evaluate", params, *evaluate, "--out", str(tmp_path / "two"))
+    stage([sys.executable, "-m"], "evaluate", params, *evaluate, "--out", str(tmp_path / "one"))
+    assert two.count("overall") == 1  # the main process prints the table
+    for name in ("scores.json", "images.jsonl", "grid.png"):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    assert len((tmp_path / "two" / "images.jsonl").read_text().splitlines()) == tests
+
+
+def test_shares_of_a_held_out_evaluation_cover_every_image_once():
+    for items, world in [(61, 2), (7, 3), (2, 4), (0, 2)]:
+        shares = [Processes(rank, world).even_share(items) for rank in range(world)]
+        assert [i for share in shares for i in range(items)[share]] == list(range(items))

@@ -57,3 +57,29 @@ def test_before_after_puts_the_second_grid_beside_the_first_without_its_prompts(
     four_prompts = [{**records[0], "prompt": p} for p in "abcd"]  # four rows instead of one
     with pytest.raises(ValueError, match="different prompts"):
         before_after(before, grid_image(np.zeros((4, 8, 8, 3), np.uint8), four_prompts), ("base", "tuned"))
+
+
+def test_the_held_out_scorer_is_the_one_the_settings_name(monkeypatch):
+    """`evaluate.scorer: geneval` builds GenEval's own scorer as the geneval reward is built, from
+    rewards.paths.geneval; without that path the error names it. The default is the shapes world's."""
+    from elborl import rewards
+    from elborl.config import Params
+    from elborl.evaluate import held_out_scorer
+    from elborl.rewards import RewardsConfig
+    from elborl.shapes.detector import ShapesDetector
+
+    assert isinstance(held_out_scorer(EvalConfig(), RewardsConfig()).detector, ShapesDetector)
+    with pytest.raises(ValueError, match=r"rewards\.paths\.geneval"):
+        held_out_scorer(EvalConfig(scorer="geneval"), RewardsConfig())
+    built = {}
+
+    class Fake:
+        def __init__(self, path):
+            built["path"], self.scorer = path, "geneval's scorer"
+
+    monkeypatch.setitem(rewards.REWARDS, "geneval", Fake)
+    config = Params(rewards={"weights": {"geneval": 1.0}, "paths": {"geneval": "s3://models/geneval"}})
+    assert held_out_scorer(EvalConfig(scorer="geneval"), config.rewards) == "geneval's scorer"
+    assert built == {"path": "s3://models/geneval"}
+    with pytest.raises(ValueError, match="scorer"):
+        EvalConfig(scorer="clip")

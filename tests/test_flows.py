@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -423,7 +424,10 @@ def test_campaign_chains_prepare_pretrain_train_evaluate_and_publishes_metrics(p
                       pretrain_cache=str(inputs["root"] / "pretrain-cache"))
     for artifact in ("prompts", "base", "runs/run/round-00000/update", "eval/run/base", "eval/run/round-00000"):
         assert (root / artifact / "manifest.json").exists(), artifact
-    assert set(result["scores"]) == {"base", "round-00000"} and result["training"]["rounds_completed"] == 1
+    assert set(result["scores"]) == {"base", "round-00000"}
+    tests = len((Path(inputs["prompts"]) / "test.jsonl").read_text().splitlines())
+    for name in ("base", "round-00000"):  # both processes' shares of the images, gathered
+        assert len((root / "eval/run" / name / "images.jsonl").read_text().splitlines()) == tests, name and result["training"]["rounds_completed"] == 1
     scores = json.loads(Artifact.get("eval-scores").data)
     assert [row["task"] for row in scores][-2:] == ["overall", "mean_reward"] and set(scores[0]) == {
         "task", "base", "round-00000"}
@@ -437,7 +441,9 @@ def test_campaign_chains_prepare_pretrain_train_evaluate_and_publishes_metrics(p
 
 
 def test_campaign_runs_the_tiny_sd3_with_every_stage_as_its_own_job(prefect_server, inputs, tmp_path):
-    """The production code path (SD3 in latent space) through the Prefect campaign, each stage a subprocess."""
+    """The production code path (SD3 in latent space) through the Prefect campaign, each stage a job of two
+    data-parallel processes: the multi-GPU deployment's launcher (`accelerate launch --multi_gpu ...
+    -m stages.{stage}` in prefect.yaml), here torchrun over gloo."""
     from elborl.store import ArtifactStore
     from flows.campaign import campaign
     from stages.pretrain import TINY_SD3, take_base_model
@@ -450,9 +456,14 @@ def test_campaign_runs_the_tiny_sd3_with_every_stage_as_its_own_job(prefect_serv
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump(SETTINGS))
     root = tmp_path / "campaign"
+    launcher = f"{shlex.quote(sys.executable)} -m torch.distributed.run --standalone --nproc_per_node 2 -m -- " \
+               "stages.{stage}"
     result = campaign(root=str(root), params_path=str(params), rounds=1, threads=1, base_model=base, mode="container",
-                      prompts=inputs["prompts"])
+                      prompts=inputs["prompts"], launcher=launcher)
     assert result["base_model"] == base and result["prompts"] == inputs["prompts"] and not (root / "prompts").exists()
     assert result["training"]["rounds_completed"] == 1
     assert (root / "runs/run/round-00000/update/manifest.json").exists()
     assert set(result["scores"]) == {"base", "round-00000"}
+    tests = len((Path(inputs["prompts"]) / "test.jsonl").read_text().splitlines())
+    for name in ("base", "round-00000"):  # both processes' shares of the images, gathered
+        assert len((root / "eval/run" / name / "images.jsonl").read_text().splitlines()) == tests, name

@@ -38,6 +38,7 @@ def test_the_preset_is_the_papers_recipe():
                                                                                PAPER["old_rate"], PAPER["old_max"])
     assert (rl.rollout_precision, rl.update_precision, params.runtime.tf32) == ("float32", "float32", True)
     assert (evaluation.sampler, evaluation.steps, evaluation.guidance) == ("euler", PAPER["eval_steps"], 1.0)
+    assert evaluation.scorer == "geneval"  # GenEval's own detector, not the shapes world's
     assert rl.guidance == 1.0 and params.rewards.weights == {"geneval": 1.0}
 
 
