@@ -38,7 +38,7 @@ from elborl.models import load_backbone
 from elborl.policy import Policy
 from elborl.rl import Rollout, choose_prompts, make_optimizer, reward_summary, rollout, update
 from elborl.runtime import precision_choice, resolve_device
-from elborl.store import ArtifactStore
+from elborl.store import ArtifactStore, cache_root
 
 STAGES = ("rollout", "score", "update")
 
@@ -61,8 +61,9 @@ class RunContext:
 
     The base model and the training prompts are artifact URIs (`base_model`, `prompts`: a stage in its own
     process or container) or objects already in memory (`backbone`, `train_metas`: a run in one process).
-    Artifacts at local paths are read in place; `s3://` artifacts are fetched once into `cache` (verified
-    against their manifests) and reused by later stages of the same process or machine. `processes`: the
+    Artifacts at local paths are read in place; `s3://` artifacts are fetched once into the cache root `cache`
+    (default: `elborl.store.cache_root()`, verified against their manifests) and reused by later stages of the
+    same process or machine. `processes`: the
     job's processes when it runs data parallel (elborl/distributed.py; default: what the launcher set up).
     `log` takes the run's messages; `artifact_log` the line per artifact published or skipped (default: `log`).
     """
@@ -73,7 +74,7 @@ class RunContext:
                  artifact_log=None):
         self.run, self.params, self.base_model, self.prompts = str(run), params, base_model, prompts
         self.store = store or ArtifactStore()
-        self.cache = Path(cache or Path(tempfile.gettempdir()) / "elborl-cache")
+        self.cache = cache_root(cache)
         self.processes = processes or Processes.from_environment()
         self.log = log if self.processes.is_main else (lambda *_: None)
         self.artifact_log = artifact_log if artifact_log and self.processes.is_main else self.log

@@ -348,20 +348,39 @@ class ArtifactStore:
         log(f"published {uri}")
         return True
 
-    def local_artifact(self, uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    def local(self, uri: str | os.PathLike, cache: str | os.PathLike | None = None) -> Path:
+        """A local path for whatever `uri` names, fetched at most once: the one way to read from a local path or
+        `s3://` (base models, reward and detector weights, artifacts).
+
+        Local paths and file:// URIs are returned as they are (they must exist). On S3, an artifact (a prefix with
+        a manifest) is fetched and verified as `local_artifact` does; a single object lands in
+        `<cache>/s3/<bucket>/<key>` (`fetch_object`); any other prefix, such as a model snapshot uploaded with
+        `aws s3 sync`, is mirrored into `<cache>/s3/<bucket>/<prefix>`. `cache`: the cache root (`cache_root`).
+        """
+        bucket, key = _parse_uri(uri)
+        if bucket is None:
+            if not Path(key).exists():
+                raise FileNotFoundError(f"nothing at {os.fspath(uri)}")
+            return Path(key)
+        if self.exists(uri):
+            return self.local_artifact(uri, cache)
+        if key and not key.endswith("/") and self._object_size(bucket, key) is not None:
+            return self.fetch_object(uri, cache)
+        return self.mirror_prefix(uri, cache_root(cache) / "s3" / bucket / key.strip("/"))
+
+    def local_artifact(self, uri: str | os.PathLike, cache: str | os.PathLike | None = None) -> Path:
         """A published artifact as a local directory.
 
         Local artifacts are read in place (their manifest must exist). `s3://` ones are downloaded and verified
-        once into `cache_dir/<digest of the manifest>` (default `$ELBORL_CACHE/artifacts`) and reused while the
-        published manifest is unchanged; a republished artifact gets a new directory.
+        once into `<cache>/artifacts/<digest of the manifest>` (`cache`: the cache root, `cache_root`) and reused
+        while the published manifest is unchanged; a republished artifact gets a new directory.
         """
         manifest = self.read_manifest(uri)  # a clear error when nothing is published there
         bucket, key = _parse_uri(uri)
         if bucket is None:
             return Path(key)
         digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:20]
-        target = Path(cache_dir) if cache_dir is not None else default_cache_dir().parent / "artifacts"
-        target = target / digest
+        target = cache_root(cache) / "artifacts" / digest
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -426,13 +445,13 @@ class ArtifactStore:
         prefix, name = self._object(uri)
         prefix.write(name, _encode(value))
 
-    def fetch_object(self, uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    def fetch_object(self, uri: str | os.PathLike, cache: str | os.PathLike | None = None) -> Path:
         """A local path holding the single object at `uri` (no manifest: e.g. third-party model weights).
 
         Local paths and file:// URIs are returned as they are (they must exist). s3:// objects are
-        downloaded once to `cache_dir/bucket/key` (default `$ELBORL_CACHE/s3`, else ~/.cache/elborl/s3)
-        through a partial file and a rename; a cached file of the object's size is reused. The format
-        is not checked here: the caller loads the file with a safe loader.
+        downloaded once to `<cache>/s3/<bucket>/<key>` (`cache`: the cache root, `cache_root`) through a partial
+        file and a rename; a cached file of the object's size is reused. The format is not checked here: the
+        caller loads the file with a safe loader.
         """
         bucket, key = _parse_uri(uri)
         if bucket is None:
@@ -442,16 +461,13 @@ class ArtifactStore:
             return path
         if not key or key.endswith("/"):
             raise ValueError(f"bad URI {os.fspath(uri)!r}: names no object")
-        root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        root = cache_root(cache) / "s3"
         target = (root / bucket / key).resolve()
         if not target.is_relative_to(root.resolve()):
             raise ValueError(f"object key {key!r} escapes the cache directory")
-        try:
-            size = int(self.s3.head_object(Bucket=bucket, Key=key)["ContentLength"])
-        except ClientError as error:
-            if _is_missing(error):
-                raise FileNotFoundError(f"no object at {os.fspath(uri)}") from None
-            raise
+        size = self._object_size(bucket, key)
+        if size is None:
+            raise FileNotFoundError(f"no object at {os.fspath(uri)}")
         if target.is_file() and target.stat().st_size == size:
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -464,10 +480,22 @@ class ArtifactStore:
         logger.info("fetched s3://%s/%s into %s (%d bytes)", bucket, key, target, size)
         return target
 
+    def _object_size(self, bucket: str, key: str) -> int | None:
+        """The size of the object `key`, None when there is none."""
+        try:
+            return int(self.s3.head_object(Bucket=bucket, Key=key)["ContentLength"])
+        except ClientError as error:
+            if _is_missing(error):
+                return None
+            raise
 
-def default_cache_dir() -> Path:
-    """Where fetched single objects are cached: $ELBORL_CACHE/s3, else ~/.cache/elborl/s3."""
-    return Path(os.environ.get("ELBORL_CACHE", Path.home() / ".cache" / "elborl")) / "s3"
+
+def cache_root(cache: str | os.PathLike | None = None) -> Path:
+    """The one local cache of what is fetched from S3: `cache` when given, else $ELBORL_CACHE, else
+    ~/.cache/elborl. Verified artifacts go under artifacts/, other objects and prefixes under s3/."""
+    if cache is not None:
+        return Path(cache)
+    return Path(os.environ.get("ELBORL_CACHE", Path.home() / ".cache" / "elborl"))
 
 
 # --- one-off calls with the default settings (endpoint and credentials from the environment) ----------
@@ -495,5 +523,5 @@ def write_json(uri: str | os.PathLike, value) -> None:
     ArtifactStore().write_json(uri, value)
 
 
-def fetch_object(uri: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
-    return ArtifactStore().fetch_object(uri, cache_dir)
+def local(uri: str | os.PathLike, cache: str | os.PathLike | None = None) -> Path:
+    return ArtifactStore().local(uri, cache)

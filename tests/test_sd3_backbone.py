@@ -145,7 +145,7 @@ def test_loading_from_s3_mirrors_the_prefix_into_the_cache(model, saved, tmp_pat
         client.upload_file(str(path), bucket, f"sd3/tiny/{path.relative_to(saved)}")
     cache = tmp_path / "cache"
     loaded = SD3FlowModel.from_pretrained(f"s3://{bucket}/sd3/tiny", cache_dir=cache)
-    assert (cache / bucket / "sd3" / "tiny" / "transformer").is_dir()
+    assert (cache / "s3" / bucket / "sd3" / "tiny" / "transformer").is_dir()
     assert torch.equal(velocities(model), velocities(loaded.eval()))
     mtimes = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
     SD3FlowModel.from_pretrained(f"s3://{bucket}/sd3/tiny/", cache_dir=cache)  # cached: nothing downloaded again

@@ -282,8 +282,8 @@ def test_fetch_object_caches_single_s3_objects(s3_env, tmp_path, monkeypatch):
     weights = b"\x80\x02 checkpoint bytes" * 1000
     s3_env.client().put_object(Bucket=bucket, Key="weights/m2f.pth", Body=weights)
     cache = tmp_path / "cache"
-    path = store.fetch_object(f"s3://{bucket}/weights/m2f.pth", cache)
-    assert path == (cache / bucket / "weights" / "m2f.pth").resolve() and path.read_bytes() == weights
+    path = ArtifactStore().fetch_object(f"s3://{bucket}/weights/m2f.pth", cache)
+    assert path == (cache / "s3" / bucket / "weights" / "m2f.pth").resolve() and path.read_bytes() == weights
     downloads = []
     original = ArtifactStore.fetch_object
     monkeypatch.setattr("boto3.s3.transfer.S3Transfer.download_file", lambda *a, **k: downloads.append(a))
@@ -291,12 +291,12 @@ def test_fetch_object_caches_single_s3_objects(s3_env, tmp_path, monkeypatch):
     assert downloads == []  # cached with the object's size: not downloaded again
     assert leftovers(cache) == []
     with pytest.raises(FileNotFoundError, match=f"no object at s3://{bucket}/weights/absent.pth"):
-        store.fetch_object(f"s3://{bucket}/weights/absent.pth", cache)
+        ArtifactStore().fetch_object(f"s3://{bucket}/weights/absent.pth", cache)
     local = tmp_path / "local.pth"
     local.write_bytes(weights)
-    assert store.fetch_object(local) == local and store.fetch_object(local.as_uri()) == local
+    assert ArtifactStore().fetch_object(local) == local and ArtifactStore().fetch_object(local.as_uri()) == local
     with pytest.raises(FileNotFoundError, match="no file at"):
-        store.fetch_object(tmp_path / "absent.pth")
+        ArtifactStore().fetch_object(tmp_path / "absent.pth")
 
 
 def test_publish_skips_published_artifacts_and_merges_metadata_from_the_work(base, tmp_path):
@@ -324,8 +324,36 @@ def test_local_artifact_reads_local_in_place_and_caches_s3_by_manifest(base, tmp
     local = artifacts.local_artifact(uri, tmp_path / "cache")
     assert files_in(local).keys() >= files_in(tmp_path / "source").keys()
     if base.startswith("s3://"):
-        assert local.parent == tmp_path / "cache"
+        assert local.parent == tmp_path / "cache" / "artifacts"
         assert artifacts.local_artifact(uri, tmp_path / "cache") == local  # fetched once, then reused
     else:
         assert local.resolve() == Path(urlparse(uri).path if uri.startswith("file:") else uri).resolve()
         assert not (tmp_path / "cache").exists()
+
+
+def test_one_resolver_reads_every_kind_of_location_into_one_cache(s3_env, tmp_path):
+    """`local`: a local file or directory as it is; on S3 a published artifact (verified, under artifacts/), a
+    single object (under s3/) and a prefix of plain objects (mirrored under s3/), all in the one cache root."""
+    bucket = s3_env.create_bucket()
+    client = s3_env.client()
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "weights.safetensors").write_bytes(b"tensors")
+    store.put_artifact(source, f"s3://{bucket}/published")
+    client.put_object(Bucket=bucket, Key="objects/model.pth", Body=b"pickled")
+    client.put_object(Bucket=bucket, Key="snapshot/unet/config.json", Body=b"{}")
+    cache = tmp_path / "cache"
+    artifact = store.local(f"s3://{bucket}/published", cache)
+    assert artifact.parent == cache / "artifacts" and (artifact / "weights.safetensors").read_bytes() == b"tensors"
+    assert store.local(f"s3://{bucket}/objects/model.pth", cache) == (cache / "s3" / bucket / "objects/model.pth").resolve()
+    snapshot = store.local(f"s3://{bucket}/snapshot", cache)
+    assert snapshot == (cache / "s3" / bucket / "snapshot").resolve() and (snapshot / "unet/config.json").is_file()
+    assert store.local(source / "weights.safetensors") == source / "weights.safetensors"
+    assert store.local(source.as_uri()) == source
+    with pytest.raises(FileNotFoundError, match="nothing at"):
+        store.local(tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match=f"no objects under s3://{bucket}/absent"):
+        store.local(f"s3://{bucket}/absent", cache)
+    with pytest.MonkeyPatch.context() as patch:  # the default root: $ELBORL_CACHE
+        patch.setenv("ELBORL_CACHE", str(tmp_path / "env-cache"))
+        assert store.local(f"s3://{bucket}/published").parent == tmp_path / "env-cache" / "artifacts"

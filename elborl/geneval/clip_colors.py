@@ -134,10 +134,10 @@ def load_clip_weights(model, weights: str | os.PathLike, model_name: str = CLIP_
     """Loads an open_clip state dict from a local file or s3:// URI, without running pickled code."""
     import open_clip
 
-    from elborl.store import fetch_object
+    from elborl.store import local as local_path
 
     try:
-        local = fetch_object(weights, cache_dir)
+        local = local_path(weights, cache_dir)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"CLIP weights not found: {error}. {CLIP_WEIGHTS_HINT}") from None
     try:

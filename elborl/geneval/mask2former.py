@@ -185,10 +185,10 @@ def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> None:
 
 def resolve_weights(weights: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
     """A local file for a local path or an s3:// URI (downloaded once to the cache)."""
-    from elborl.store import fetch_object
+    from elborl.store import local
 
     try:
-        return fetch_object(weights, cache_dir)
+        return local(weights, cache_dir)
     except FileNotFoundError as error:
         raise FileNotFoundError(
             f"Mask2Former weights not found: {error}. GenEval uses {GENEVAL_CHECKPOINT} ({GENEVAL_CHECKPOINT_URL}); "

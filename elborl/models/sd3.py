@@ -11,8 +11,8 @@ Samples `x0` live in the VAE's latent space, in the scaled coordinates the trans
 (`(z - shift_factor) * scaling_factor`); `to_images` undoes that and decodes.
 
 `SD3FlowModel.from_pretrained` reads a local diffusers-format directory (what
-`StableDiffusion3Pipeline.save_pretrained` writes) or an `s3://bucket/prefix` URI, which is first mirrored
-into a local cache. `tiny_sd3()` builds a randomly initialised miniature with the same structure for tests.
+`StableDiffusion3Pipeline.save_pretrained` writes) or an `s3://bucket/prefix` URI (a published artifact, verified,
+or a snapshot uploaded as plain objects), fetched once into the local cache by `elborl.store.local`. `tiny_sd3()` builds a randomly initialised miniature with the same structure for tests.
 """
 
 from dataclasses import dataclass
@@ -26,6 +26,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModelWithProjection, PreTrainedTokenizerFast
 
 from elborl.sampling import to_uint8
+from elborl.store import local
 
 logger = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ class SD3FlowModel(SD3TransformerBackbone):
         load_t5=False skips text_encoder_3 even when present (T5 tokens then become zeros, as in diffusers).
         """
         path_str = str(path)
-        directory = download_s3_prefix(path_str, cache_dir) if path_str.startswith("s3://") else Path(path_str)
+        directory = local(path_str, cache_dir) if path_str.startswith("s3://") else Path(path_str)
         check_pretrained_directory(directory)
         settings = json.loads((directory / SETTINGS_FILE).read_text()) if (directory / SETTINGS_FILE).exists() else {}
         resolution = resolution or settings.get("resolution")
@@ -219,17 +220,6 @@ def check_pretrained_directory(directory: Path) -> None:
         raise FileNotFoundError(
             f"{directory} is not a complete diffusers SD3 pipeline: missing {', '.join(m + '/' for m in missing)} "
             f"(expected {', '.join(REQUIRED_SUBFOLDERS)}; optional text_encoder_3 + tokenizer_3, scheduler)")
-
-
-# --- s3:// ---------------------------------------------------------------------------------------
-def download_s3_prefix(uri: str, cache_dir: str | Path | None = None) -> Path:
-    """Mirrors s3://bucket/prefix into cache_dir/bucket/prefix through the artifact store (a model snapshot
-    need not be a published artifact); endpoint and credentials come from the standard AWS environment."""
-    from elborl.store import ArtifactStore, default_cache_dir
-
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return ArtifactStore().mirror_prefix(uri, root / bucket / prefix.strip("/"))
 
 
 # --- a tiny random SD3 for tests ------------------------------------------------------------------

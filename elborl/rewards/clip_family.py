@@ -1,7 +1,7 @@
 """CLIP-family rewards: CLIPScore, PickScore, HPS v2.1 and the LAION aesthetic predictor.
 
 Each is a callable (images uint8 N x H x W x 3, prompt metadata) -> float32 (N,), built from weights at a
-local path or an `s3://` artifact (`elborl.rewards.weights.resolve`). Nothing is downloaded from a hub:
+local path or an `s3://` artifact (`elborl.store.local`). Nothing is downloaded from a hub:
 
 | reward    | model                                                          | score per image                         |
 |-----------|----------------------------------------------------------------|-----------------------------------------|
@@ -39,7 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from elborl.rewards.weights import default_device, find_weights, load_state_dict, resolve
+from elborl.rewards.weights import default_device, find_weights, load_state_dict
+from elborl.store import local
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "HPS_v2.1_compressed.pt",
@@ -87,17 +88,17 @@ def load_open_clip(path: str | os.PathLike, model_name: str | None = None, devic
     import open_clip
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
-    local = resolve(path, cache_dir)
-    config_dir = local if local.is_dir() else local.parent
+    fetched = local(path, cache_dir)
+    config_dir = fetched if fetched.is_dir() else fetched.parent
     if (config_dir / OPEN_CLIP_CONFIG).is_file():
         name = f"local-dir:{config_dir}"
     elif model_name is not None:
         name = model_name
     else:
-        raise FileNotFoundError(f"{local}: no {OPEN_CLIP_CONFIG}; pass model_name (a built-in open_clip architecture)")
+        raise FileNotFoundError(f"{fetched}: no {OPEN_CLIP_CONFIG}; pass model_name (a built-in open_clip architecture)")
     with _quiet_root_logger():  # open_clip warns "initialized randomly" before we load the weights
         model = open_clip.create_model(name, pretrained=None, load_weights=False)
-    weights = find_weights(local, OPEN_CLIP_WEIGHTS)
+    weights = find_weights(fetched, OPEN_CLIP_WEIGHTS)
     open_clip.load_checkpoint(model, str(weights), strict=True, weights_only=True)
     tokenizer = open_clip.get_tokenizer(name)
     preprocess = image_transform_v2(PreprocessCfg(**open_clip.get_model_preprocess_cfg(model)), is_train=False)
@@ -152,9 +153,9 @@ class PickScoreReward:
         import torch
         from transformers import CLIPModel, CLIPProcessor
 
-        model_dir = resolve(path, cache_dir)
+        model_dir = local(path, cache_dir)
         if processor_path is not None:
-            processor_dir = resolve(processor_path, cache_dir)
+            processor_dir = local(processor_path, cache_dir)
         else:
             processor_dir = model_dir if _has_processor(model_dir) else model_dir / "processor"
         if not _has_processor(processor_dir):
@@ -233,9 +234,9 @@ class AestheticReward:
 
         if path is None and (clip_path is None or head_path is None):
             raise ValueError("aesthetic reward: pass path (holding clip/ and the head weights) or clip_path and head_path")
-        root = resolve(path, cache_dir) if path is not None else None
-        clip_dir = resolve(clip_path, cache_dir) if clip_path is not None else root / "clip"
-        head_file = find_weights(resolve(head_path, cache_dir) if head_path is not None else root, AESTHETIC_HEAD_WEIGHTS)
+        root = local(path, cache_dir) if path is not None else None
+        clip_dir = local(clip_path, cache_dir) if clip_path is not None else root / "clip"
+        head_file = find_weights(local(head_path, cache_dir) if head_path is not None else root, AESTHETIC_HEAD_WEIGHTS)
         device = default_device(device)
         self.clip = _vision_model(clip_dir).to(device).eval()
         self.processor = CLIPImageProcessor.from_pretrained(clip_dir)

@@ -34,10 +34,10 @@ CLIP_FILES = ("open_clip_model.safetensors",)
 
 
 def _weights_in(path, names, cache_dir):
-    """The first of `names` in the directory or store artifact `path` (fetched once, see elborl.rewards.weights)."""
-    from elborl.rewards.weights import resolve
+    """The first of `names` in the directory or store artifact `path` (fetched once, elborl.store.local)."""
+    from elborl.store import local
 
-    directory = resolve(path, cache_dir)
+    directory = local(path, cache_dir)
     for name in names:
         if (directory / name).is_file():
             return directory / name

@@ -1,11 +1,10 @@
-"""Where reward-model weights come from: a local file or directory, or an `s3://` artifact.
+"""Reading reward-model weights once they are local: which file of a directory, and loading it safely.
 
-An `s3://bucket/prefix` URI names an artifact published with `elborl.store` (manifest + sha256, safe
-formats only, so weights cross S3 as safetensors); it is fetched once into
-`$ELBORL_CACHE/rewards/<manifest digest>` (default `~/.cache/elborl/rewards/...`) by the store's
-`local_artifact` and reused while the published manifest is unchanged. Local paths may also hold torch pickles (.pt/.pth/.bin, e.g. the
-published HPS v2.1 and LAION aesthetic checkpoints); those are read with `torch.load(weights_only=True)`,
-which refuses anything but tensors and plain containers.
+Weights come from a local file or directory or from `s3://`, fetched once by the store's one resolver
+(`elborl.store.local`: a published artifact is verified against its manifest, so weights cross S3 as
+safetensors). Local paths may also hold torch pickles (.pt/.pth/.bin, e.g. the published HPS v2.1 and LAION
+aesthetic checkpoints); those are read with `torch.load(weights_only=True)`, which refuses anything but tensors
+and plain containers.
 """
 
 from __future__ import annotations
@@ -14,23 +13,6 @@ import os
 from pathlib import Path
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("ELBORL_CACHE", Path.home() / ".cache" / "elborl")) / "rewards"
-
-
-def resolve(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
-    """A local path for `path`: itself when local (must exist), the fetched artifact directory for s3://."""
-    text = os.fspath(path)
-    if not text.startswith("s3://"):
-        local = Path(text[len("file://"):] if text.startswith("file://") else text)
-        if not local.exists():
-            raise FileNotFoundError(f"reward weights not found: {local}")
-        return local
-    from elborl.store import ArtifactStore
-
-    return ArtifactStore().local_artifact(text, cache_dir if cache_dir is not None else cache_root())
 
 
 def find_weights(path: Path, preferred: tuple[str, ...] = ()) -> Path:
