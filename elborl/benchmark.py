@@ -186,7 +186,8 @@ def run_or_reuse(bench: Bench, params: Params, run_dir: str | Path, budget: Budg
         settings["train_prompts"] = train_prompts
     settings_path = run_dir / SETTINGS_FILE
     if settings_path.exists():
-        differences = settings_differences(json.loads(settings_path.read_text()), settings)
+        defaults = run_settings(bench.base_path, Params())
+        differences = settings_differences(json.loads(settings_path.read_text()), settings, defaults=defaults)
         if differences:
             raise ValueError(f"{run_dir} holds a run of other settings (they differ in {differences}): "
                              "pick another --out or remove that directory")
@@ -233,14 +234,17 @@ def collect_run(run_dir: str | Path, label: str, reused: bool = False) -> RunRes
     return RunResult(label, Path(run_dir), evaluations(ctx), round_metrics(ctx), reused)
 
 
-def settings_differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested settings dicts."""
-    keys = sorted(set(old) | set(new))
+def settings_differences(old: dict, new: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
+    """Dotted keys whose values differ between two nested settings dicts. A key `old` lacks (a setting added after
+    it was recorded) matches when `new` holds its default: a new setting's default keeps what the code did."""
+    defaults = defaults or {}
     differences = []
-    for key in keys:
-        a, b = old.get(key), new.get(key)
+    for key in sorted(set(old) | set(new)):
+        a, b, default = old.get(key), new.get(key), defaults.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            differences += settings_differences(a, b, f"{prefix}{key}.")
+            differences += settings_differences(a, b, f"{prefix}{key}.", default if isinstance(default, dict) else {})
+        elif key not in old and key in defaults and b == default:
+            continue
         elif a != b:
             differences.append(f"{prefix}{key}")
     return differences

@@ -137,6 +137,11 @@ def test_a_run_directory_of_other_settings_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"differ in \['rl.lr'\]"):
         run_or_reuse(bench, params, run_dir, Budget(minutes=15), "run")
     assert settings_differences({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"b": 1, "c": 5}, "e": 3}) == ["a.c", "d", "e"]
+    # a setting added after a run was recorded matches at its default (what the code did then), not otherwise
+    defaults = {"evaluate": {"scorer": "shapes"}}
+    assert settings_differences({"evaluate": {}}, {"evaluate": {"scorer": "shapes"}}, defaults=defaults) == []
+    assert settings_differences({"evaluate": {}}, {"evaluate": {"scorer": "geneval"}}, defaults=defaults) == \
+        ["evaluate.scorer"]
 
 
 class FineTuneCalled(Exception):
