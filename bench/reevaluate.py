@@ -22,7 +22,7 @@ import json
 
 import torch
 
-from elborl.benchmark import SETTINGS_FILE, load_bench_params, prepare_bench
+from elborl.benchmark import load_bench_params, prepare_bench, recorded_identity
 from elborl.checkpoint import read_state
 from elborl.evaluate import evaluate, format_table
 from elborl.policy import Policy
@@ -48,12 +48,11 @@ def rounds_done(run: str | Path) -> int:
 
 
 def runs_on_other_bases(runs: list[str], base_name: str) -> list[str]:
-    """The runs whose recorded base model (bench_settings.json's "base") is not `base_name`: their adapters would
-    be evaluated on the wrong weights."""
+    """The runs whose recorded base model (run.json's "base") is not `base_name`: their adapters would be
+    evaluated on the wrong weights."""
     other = []
     for run in runs:
-        settings_path = Path(run, SETTINGS_FILE)
-        recorded = json.loads(settings_path.read_text()).get("base") if settings_path.exists() else None
+        recorded = (recorded_identity(run) or {}).get("base")
         if recorded is not None and recorded != base_name:
             other.append(f"{run} (base {recorded})")
     return other

@@ -16,12 +16,12 @@ import json
 import numpy as np
 import torch
 
-from elborl.config import Params, load_params_with_overrides
+from elborl.config import Params, default_settings, load_params_with_overrides, settings_differences
 from elborl.embedded import fine_tune, prepare_prompts, run_settings
 from elborl.evaluate import evaluate
 from elborl.geneval.types import TASKS
 from elborl.pretrain import ensure_base_model
-from elborl.rounds import RunContext, evaluation_uri, evaluations, round_metrics
+from elborl.rounds import RUN_FILE, RunContext, evaluation_uri, evaluations, round_metrics
 from elborl.runtime import cpu_description
 
 # --smoke: a tiny model, a few pretraining steps, tiny RL epochs and a 1-image, 2-step evaluation, so every
@@ -161,9 +161,11 @@ class RunResult:
         return [(m["train_seconds"], m["reward_mean"]) for m in self.metrics]
 
 
-SETTINGS_FILE, DONE_FILE = "bench_settings.json", "bench_done.json"
-# A finished run's record: its evaluations and per-round rows, and the machine it trained on. With the settings
-# and done files it is all a table needs (kilobytes, where the run is a hundred megabytes), so records can be
+DONE_FILE = "bench_done.json"
+# Where runs of earlier versions recorded their settings (now run.json, the run's one identity): still read.
+LEGACY_SETTINGS_FILE = "bench_settings.json"
+# A finished run's record: its evaluations and per-round rows, and the machine it trained on. With run.json and
+# the done file it is all a table needs (kilobytes, where the run is a hundred megabytes), so records can be
 # kept in the repository and read back by a later sitting on another machine as finished runs.
 RECORD_FILE = "bench_record.json"
 
@@ -181,13 +183,12 @@ def run_or_reuse(bench: Bench, params: Params, run_dir: str | Path, budget: Budg
     if train_prompts not in TRAIN_PROMPTS:
         raise ValueError(f"train_prompts must be one of {TRAIN_PROMPTS}, got {train_prompts!r}")
     run_dir = Path(run_dir)
-    settings = {**run_settings(bench.base_path, params), "budget": asdict(budget), "threads": bench.threads}
+    identity = {**run_settings(bench.base_path, params), "budget": asdict(budget), "threads": bench.threads}
     if train_prompts != "train":  # absent for the benchmark proper, so its earlier runs' settings still match
-        settings["train_prompts"] = train_prompts
-    settings_path = run_dir / SETTINGS_FILE
-    if settings_path.exists():
-        defaults = run_settings(bench.base_path, Params())
-        differences = settings_differences(json.loads(settings_path.read_text()), settings, defaults=defaults)
+        identity["train_prompts"] = train_prompts
+    recorded = recorded_identity(run_dir)
+    if recorded is not None:
+        differences = settings_differences(recorded, identity, defaults=default_settings())
         if differences:
             raise ValueError(f"{run_dir} holds a run of other settings (they differ in {differences}): "
                              "pick another --out or remove that directory")
@@ -196,13 +197,13 @@ def run_or_reuse(bench: Bench, params: Params, run_dir: str | Path, budget: Budg
             return collect_run(run_dir, label, reused=True)
         print(f"{label}: resuming the unfinished run in {run_dir}")
     elif run_dir.exists() and any(run_dir.iterdir()):
-        raise ValueError(f"{run_dir} holds files but no {SETTINGS_FILE}: pick another --out or remove it")
-    else:
+        raise ValueError(f"{run_dir} holds files but no {RUN_FILE}: pick another --out or remove it")
+    else:  # recorded before any work, so that a run killed at any point is recognised
         run_dir.mkdir(parents=True, exist_ok=True)
-        settings_path.write_text(json.dumps(settings, indent=1))
+        RunContext(str(run_dir), params, identity=identity).check_settings()
     train_set = bench.test if train_prompts == "test" else bench.train_set
     fine_tune(copy.deepcopy(bench.base_model), train_set, bench.test, budget.apply(params), run_dir,
-              max_train_seconds=budget.max_train_seconds, base_evaluation=bench.base_evaluation)
+              max_train_seconds=budget.max_train_seconds, base_evaluation=bench.base_evaluation, identity=identity)
     result = collect_run(run_dir, label)
     (run_dir / RECORD_FILE).write_text(json.dumps({"machine": cpu_description(), "evals": result.evals,
                                                    "metrics": result.metrics}))
@@ -211,12 +212,21 @@ def run_or_reuse(bench: Bench, params: Params, run_dir: str | Path, budget: Budg
     return result
 
 
+def recorded_identity(run_dir: str | Path) -> dict | None:
+    """What a benchmark run recorded about itself: its run.json (an earlier version's bench_settings.json, when it
+    has one, holds the benchmark's part); None when nothing is recorded there."""
+    for name in (LEGACY_SETTINGS_FILE, RUN_FILE):
+        if (Path(run_dir) / name).exists():
+            return json.loads((Path(run_dir) / name).read_text())
+    return None
+
+
 def provenance(runs: list[RunResult], threads: int) -> str:
     """How a table's runs shared the CPU, for its header: the runs trained by this call went one after another in
     this process; read-back runs ran earlier, possibly in parallel processes, with the threads they recorded."""
     fresh = sum(not run.reused for run in runs)
-    reused_threads = sorted({json.loads((run.run_dir / SETTINGS_FILE).read_text()).get("threads")
-                             for run in runs if run.reused}, key=str)
+    reused_threads = sorted({(recorded_identity(run.run_dir) or {}).get("threads") for run in runs if run.reused},
+                            key=str)
     parts = [f"{fresh} trained now one after another in this process at {threads} torch threads"] if fresh else []
     if len(runs) - fresh:
         parts.append(f"{len(runs) - fresh} read back from earlier runs (trained at {reused_threads} torch threads; "
@@ -232,22 +242,6 @@ def collect_run(run_dir: str | Path, label: str, reused: bool = False) -> RunRes
         return RunResult(label, Path(run_dir), data["evals"], data["metrics"], reused)
     ctx = RunContext(str(run_dir), None)
     return RunResult(label, Path(run_dir), evaluations(ctx), round_metrics(ctx), reused)
-
-
-def settings_differences(old: dict, new: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
-    """Dotted keys whose values differ between two nested settings dicts. A key `old` lacks (a setting added after
-    it was recorded) matches when `new` holds its default: a new setting's default keeps what the code did."""
-    defaults = defaults or {}
-    differences = []
-    for key in sorted(set(old) | set(new)):
-        a, b, default = old.get(key), new.get(key), defaults.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            differences += settings_differences(a, b, f"{prefix}{key}.", default if isinstance(default, dict) else {})
-        elif key not in old and key in defaults and b == default:
-            continue
-        elif a != b:
-            differences.append(f"{prefix}{key}")
-    return differences
 
 
 # --- the arithmetic of the tables (pure) ------------------------------------------------------------------

@@ -180,6 +180,30 @@ def load_params_with_overrides(path: str | Path, overrides: list[str]) -> Params
 PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
 
 
+def settings_differences(old: dict, new: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
+    """Dotted keys whose values differ between two nested settings dicts. A key `old` lacks (a setting added after
+    it was recorded) matches when `new` holds its default: a new setting's default keeps what the code did."""
+    defaults = defaults or {}
+    differences = []
+    for key in sorted(set(old) | set(new)):
+        a, b, default = old.get(key), new.get(key), defaults.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            differences += settings_differences(a, b, f"{prefix}{key}.", default if isinstance(default, dict) else {})
+        elif key not in old and key in defaults and b == default:
+            continue
+        elif a != b:
+            differences.append(f"{prefix}{key}")
+    return differences
+
+
+def default_settings() -> dict:
+    """Every section's defaults as plain JSON values (what a setting added later compares against)."""
+    from dataclasses import asdict
+    import json
+
+    return json.loads(json.dumps(asdict(Params())))
+
+
 def _yaml(value) -> str:
     """A default as it is written in params.yaml."""
     if isinstance(value, tuple):

@@ -65,16 +65,19 @@ def run_key(base_path: Path, params) -> str:
 
 def fine_tune(model, train_set, test, params, run_dir: Path, max_train_seconds: float | None = None,
               base_evaluation: Callable[[], tuple] | None = None,
-              progress: bool | RoundsProgress = True, artifact_log=None) -> tuple[RunContext, str, dict]:
+              progress: bool | RoundsProgress = True, artifact_log=None,
+              identity: dict | None = None) -> tuple[RunContext, str, dict]:
     """RL from the base model (`model`, placed) as a rounds run at `run_dir`, with held-out evaluations of the
     EMA policy every `params.eval_every` rounds and after the last one (`base_evaluation()`, when given, returns
     the base model's, which is then not recomputed); `artifact_log` takes the line per artifact published
-    (default: printed). Returns the run, its final evaluation's URI and that evaluation's summary."""
+    (default: printed); `identity`: what the run records as its identity besides its policy and RL settings
+    (run.json). Returns the run, its final evaluation's URI and that evaluation's summary."""
     rl = params.rl
     likelihood = f"{rl.weighting} ELBO" if rl.estimator == "elbo" else "trajectory log-prob"
     print(f"RL fine-tuning ({rl.recipe or 'no recipe'}): {rl.objective} + {likelihood} + {rl.steps}-step "
           f"{rl.sampler}, {rl.epochs} rounds -> {run_dir}")
-    ctx = RunContext(str(run_dir), params, backbone=model, train_metas=train_set, artifact_log=artifact_log)
+    ctx = RunContext(str(run_dir), params, backbone=model, train_metas=train_set, artifact_log=artifact_log,
+                     identity=identity)
     evaluate_fn = lambda backbone: evaluate(backbone, test, params.evaluate, progress=False)  # noqa: E731
     if isinstance(progress, JobProgress):
         evaluate_fn = progress.timed(evaluate_fn)
@@ -255,7 +258,8 @@ def main(argv=None, prog: str | None = None) -> None:
             ctx, final, summaries["fine-tuned"] = fine_tune(
                 model, train_set, test, params, run_dir, max_train_seconds=rl_minutes and rl_minutes * 60,
                 base_evaluation=lambda: (base_summary, records, images), progress=progress,
-                artifact_log=lambda line: print(line, file=log_file, flush=True))
+                artifact_log=lambda line: print(line, file=log_file, flush=True),
+                identity=run_settings(base_path, params))
         written["fine-tuned"] = {"scores": ctx.local(final) / "scores.json", "grid": ctx.local(final) / "grid.png"}
         curves = plot_run(round_metrics(ctx), evaluations(ctx), run_dir / "curves.png")
         report = write_run_report(ctx, run_dir / "report.html", base_model=str(base_path),

@@ -3,7 +3,7 @@
 RL is a loop; DVC and container schedulers run DAGs. A run is therefore a sequence of rounds r = 0, 1, ...
 Round r samples from the policy that round r-1's update left, and publishes under the run's prefix
 
-    <run>/run.json                    the settings the run was started with (later stages must match)
+    <run>/run.json                    the run's identity: the settings it was started with (later stages must match)
     <run>/round-00003/rollout/        images/*.png, samples.safetensors (x0; with the trajectory estimator
                                       also the SDE trajectory and its per-step log-probs), samples.jsonl
                                       (prompt, group, seed and sampler settings: enough to regenerate every sample)
@@ -31,6 +31,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from elborl.checkpoint import read_state, write_state
+from elborl.config import default_settings, settings_differences
 from elborl.distributed import Processes
 from elborl.evaluate import write_evaluation
 from elborl.geneval.prompts import read_jsonl
@@ -41,6 +42,9 @@ from elborl.runtime import precision_choice, resolve_device
 from elborl.store import ArtifactStore, cache_root
 
 STAGES = ("rollout", "score", "update")
+
+
+RUN_FILE = "run.json"
 
 
 def join(uri: str, *parts: str) -> str:
@@ -66,13 +70,16 @@ class RunContext:
     same process or machine. `processes`: the
     job's processes when it runs data parallel (elborl/distributed.py; default: what the launcher set up).
     `log` takes the run's messages; `artifact_log` the line per artifact published or skipped (default: `log`).
+    `identity`: what else defines the run besides its policy and RL settings (base model, prompts, rewards,
+    evaluation, a benchmark's budget), recorded with them in run.json.
     """
 
     def __init__(self, run: str, params, base_model: str | None = None, prompts: str | None = None,
                  store: ArtifactStore | None = None, cache: str | Path | None = None, log=print,
                  backbone=None, train_metas: list[dict] | None = None, processes: Processes | None = None,
-                 artifact_log=None):
+                 artifact_log=None, identity: dict | None = None):
         self.run, self.params, self.base_model, self.prompts = str(run), params, base_model, prompts
+        self.identity = identity or {}
         self.store = store or ArtifactStore()
         self.cache = cache_root(cache)
         self.processes = processes or Processes.from_environment()
@@ -106,22 +113,32 @@ class RunContext:
         """A published artifact as a local directory (s3:// ones cached by manifest digest)."""
         return self.store.local_artifact(uri, self.cache)
 
+    def settings(self) -> dict:
+        """The run's identity as plain JSON values: its policy and RL settings and the caller's `identity`."""
+        return json.loads(json.dumps({"policy": asdict(self.params.policy), "rl": asdict(self.params.rl),
+                                      **self.identity}))
+
     def check_settings(self) -> None:
-        """The run's settings are fixed at its first stage; a stage under other settings would mix runs."""
+        """Records the run's identity in run.json at its start; later stages and resumptions must match it (a stage
+        under other settings would mix two runs). Only what both know is compared: a stage that gives no
+        `identity` checks the policy and RL settings, and groups the record lacks are added to it."""
         if not self.processes.is_main:
             return
-        settings = json.loads(json.dumps({"policy": asdict(self.params.policy), "rl": asdict(self.params.rl)}))
-        uri = join(self.run, "run.json")
+        settings = self.settings()
+        uri = join(self.run, RUN_FILE)
         try:
             recorded = self.store.read_json(uri)
         except FileNotFoundError:
             self.store.write_json(uri, settings)
             return
-        if recorded != settings:
-            changed = sorted(f"{group}.{key}" for group in settings for key in settings[group]
-                             if recorded.get(group, {}).get(key) != settings[group][key])
+        shared = [group for group in settings if group in recorded]
+        changed = settings_differences({g: recorded[g] for g in shared}, {g: settings[g] for g in shared},
+                                       defaults=default_settings())
+        if changed:
             raise ValueError(f"run {self.run} was started with other settings (changed: {', '.join(changed)}); "
                              "start a new run prefix for new settings")
+        if len(shared) < len(settings):
+            self.store.write_json(uri, {**recorded, **settings})
 
     def train_metas(self) -> list[dict]:
         if self._train_metas is None:
@@ -368,6 +385,7 @@ def run_rounds(ctx: RunContext, reward_fn, rounds: int | None = None, progress: 
     rl.validate()
     total = rounds if rounds is not None else rl.epochs
     start = ctx.completed_rounds()
+    ctx.check_settings()
     ctx.log(precision_choice(rl.rollout_precision, rl.update_precision, ctx.device_type()))
     if start:
         ctx.log(f"{ctx.run}: {start} round(s) already published, resuming at round {start}")

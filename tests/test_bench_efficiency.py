@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, load_bench
-from elborl.benchmark import (DONE_FILE, RECORD_FILE, SETTINGS_FILE, Bench, Budget, Ratio, RunResult, budget_from_args,
-                              collect_run, load_bench_params, mean_curve, run_or_reuse, settings_differences, thresholds,
+from elborl.benchmark import (DONE_FILE, LEGACY_SETTINGS_FILE, RECORD_FILE, Bench, Budget, Ratio, RunResult, budget_from_args,
+                              collect_run, load_bench_params, mean_curve, run_or_reuse, thresholds,
                               time_ratio, time_to_threshold)
+from elborl.config import settings_differences
 from elborl.embedded import run_settings
 from elborl.evaluate import GRID_TEXT_WIDTH, grid_image
 from elborl.geneval.types import TASKS
 from elborl.runtime import resolve_precision
+from elborl.rounds import RUN_FILE
 
 PARAMS = str(ROOT / "params.yaml")
 
@@ -125,14 +127,15 @@ def test_design_cells_list_the_impossible_ones_with_the_reason():
 
 # ------------------------------------------------------------------------------------------- run reuse
 
-def test_a_run_directory_of_other_settings_is_refused(tmp_path):
+@pytest.mark.parametrize("recorded_in", [RUN_FILE, LEGACY_SETTINGS_FILE])
+def test_a_run_directory_of_other_settings_is_refused(tmp_path, recorded_in):
     params = load_bench_params(PARAMS, [])
     bench = Bench(params, 1, [], [], None, Path("base-abc"))
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     other = load_bench_params(PARAMS, ["rl.lr=5e-4"])
     settings = {**run_settings(bench.base_path, other), "budget": {"minutes": 15, "epochs": None}, "threads": 1}
-    (run_dir / SETTINGS_FILE).write_text(json.dumps(settings))
+    (run_dir / recorded_in).write_text(json.dumps(settings))
     (run_dir / DONE_FILE).write_text("{}")
     with pytest.raises(ValueError, match=r"differ in \['rl.lr'\]"):
         run_or_reuse(bench, params, run_dir, Budget(minutes=15), "run")
@@ -166,7 +169,7 @@ def test_the_diagnostic_trains_on_the_held_out_prompts_and_says_so_in_its_settin
     with pytest.raises(FineTuneCalled):
         run_or_reuse(bench, params, run_dir, Budget(minutes=15), "run", train_prompts)
     assert trained_on == expected
-    settings = json.loads((run_dir / SETTINGS_FILE).read_text())
+    settings = json.loads((run_dir / RUN_FILE).read_text())  # the run's identity, recorded before any work
     # the benchmark proper records no key (its earlier runs' settings still match); the diagnostic records "test"
     assert settings.get("train_prompts") == (None if train_prompts == "train" else "test")
     with pytest.raises(ValueError, match=r"differ in \['train_prompts'\]"):
@@ -209,9 +212,9 @@ def test_efficiency_smoke_run_writes_everything_and_reuses_finished_runs(tmp_pat
     assert len(collect_run(tmp_path / "runs" / "nft" / "seed0", "nft").metrics) == 1
     assert read_csv(tmp_path / "curves.csv") == rows
 
-    # the kept records alone (settings, done, record: no rounds, no weights) stand for the finished runs
+    # the kept records alone (run.json, done, record: no rounds, no weights) stand for the finished runs
     kept = tmp_path / "kept"
-    for name in (SETTINGS_FILE, DONE_FILE, RECORD_FILE):
+    for name in (RUN_FILE, DONE_FILE, RECORD_FILE):
         for source in (tmp_path / "runs").glob(f"*/*/{name}"):
             target = kept / "runs" / source.relative_to(tmp_path / "runs")
             target.parent.mkdir(parents=True, exist_ok=True)

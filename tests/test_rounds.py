@@ -127,3 +127,33 @@ def test_the_minutes_bar_takes_a_last_round_far_past_the_budget():
     rounds.round_done(1, {**row, "seconds_rollout": 24.0})
     assert rounds.bar.n == 1
     rounds.close()
+
+
+def test_a_run_records_its_identity_and_refuses_other_settings(tmp_path):
+    """run.json holds the run's one identity: its policy and RL settings and what its caller adds (base model,
+    rewards, a benchmark's budget). A stage that knows less checks what it knows; other settings are refused with
+    the keys named; a record that lacks a group gets it; a setting added later matches at its default."""
+    from dataclasses import replace
+
+    from elborl.config import Params
+
+    run = str(tmp_path / "run")
+    params = Params(policy=POLICY, rl=small_config(epochs=1))
+    stage = RunContext(run, params)  # a stage in its own process: no identity beyond policy and RL
+    stage.check_settings()
+    recorded = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert set(recorded) == {"policy", "rl"} and recorded["rl"]["epochs"] == 1
+    job = RunContext(run, params, identity={"base": "a62d18e5dc56", "budget": {"minutes": 60}})
+    job.check_settings()  # the group the record lacked is added
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["budget"] == {"minutes": 60}
+    stage.check_settings()  # knows less, agrees on what it knows
+    with pytest.raises(ValueError, match=r"other settings \(changed: rl\.lr\)"):
+        RunContext(run, Params(policy=POLICY, rl=replace(params.rl, lr=0.5))).check_settings()
+    with pytest.raises(ValueError, match=r"changed: budget\.minutes"):
+        RunContext(run, params, identity={"base": "a62d18e5dc56", "budget": {"minutes": 15}}).check_settings()
+    older = json.loads((tmp_path / "run" / "run.json").read_text())
+    del older["rl"]["ema_decay"]  # a run recorded before the setting existed
+    (tmp_path / "run" / "run.json").write_text(json.dumps(older))
+    stage.check_settings()  # this run keeps the default ema_decay
+    with pytest.raises(ValueError, match=r"changed: rl\.ema_decay"):
+        RunContext(run, Params(policy=POLICY, rl=replace(params.rl, ema_decay=0.5))).check_settings()

@@ -166,7 +166,7 @@ def test_the_report_reads_a_run_in_s3(tmp_path, s3_env):
     assert ctx.store.exists(evaluation_uri(ctx.run, 1))
     html = write_run_report(RunContext(ctx.run, None, cache=tmp_path / "cache"), tmp_path / "report.html").read_text()
     assert "<code>s3://reports/run</code>" in html and html.count("<img ") == 4
-    assert list((tmp_path / "cache").glob("*/grid.png"))  # the evaluations came through the local cache
+    assert list((tmp_path / "cache").glob("artifacts/*/grid.png"))  # the evaluations came through the local cache
 
 
 def test_a_run_that_is_not_there_is_an_error_not_an_empty_page(tmp_path):
