@@ -1,59 +1,51 @@
-# ELBO-RL shared base image: CUDA 12.8 runtime, CPython 3.11, torch 2.14.1 + torchvision 0.29.1 (cu128 builds)
-# and the elborl package with its dependencies. Every stage image (containers/<stage>.Dockerfile) is built
-# FROM this one, so the heavy layers are shared.
-#   build:   containers/build.sh   (or: docker build -f containers/base.Dockerfile -t elborl-base:<version> .)
+# ELBO-RL shared base image: Debian 12, CPython 3.11, torch 2.14.1 + torchvision 0.29.1 and the elborl package
+# with its dependencies. Every stage image (containers/<stage>.Dockerfile) is built FROM this one, so the heavy
+# layers are shared.
+#   build:   containers/build.sh   (or: podman/docker build -f containers/base.Dockerfile -t elborl-base:<version> .)
 #   context: the repository root; /.dockerignore keeps the context to what is COPYed below.
 # Models, prompts and artifacts are never baked in: stages read them from mounted volumes or S3.
-
-# Plain CUDA runtime (no cuDNN flavour): the torch cu128 wheels bring their own cuDNN, NCCL and cuBLAS;
-# the runtime libraries here serve compiled extensions such as mmcv's ops (score.Dockerfile).
-# score.Dockerfile's builder uses the devel image of the same CUDA version (12.8.1).
-FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04
-
-# Ubuntu 24.04 ships Python 3.12 only and the project needs 3.11 (requires-python >=3.11,<3.12): uv, from its
-# pinned release image, installs a pinned CPython build instead of a PPA.
-COPY --from=ghcr.io/astral-sh/uv:0.9.26 /uv /usr/local/bin/uv
+#
+# BASE_IMAGE is the only thing that differs between builds: Docker Hub's Debian 12 in production, a Debian 12
+# root filesystem built offline with mmdebstrap where no registry can be reached (containers/local-base.sh).
+# No CUDA base image is needed: torch's wheels bring the CUDA runtime, cuDNN, NCCL and cuBLAS as nvidia-*
+# packages, and the NVIDIA container runtime adds the driver (torch 2.14.1 from PyPI is a CUDA 13.0 build:
+# driver >= 580 on the GPU nodes).
+ARG BASE_IMAGE=debian:12.12-slim
+FROM ${BASE_IMAGE}
 
 ARG DEBIAN_FRONTEND=noninteractive
-ARG PYTHON_VERSION=3.11.14
 
-ENV UV_PYTHON_INSTALL_DIR=/opt/python \
-    UV_NO_CACHE=1 \
-    UV_COMPILE_BYTECODE=1 \
-    UV_LINK_MODE=copy \
-    VIRTUAL_ENV=/opt/venv \
-    PATH=/opt/venv/bin:${PATH}
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:${PATH} \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# ca-certificates: TLS to S3 (artifacts, DVC remote) at run time.
-# uid 1000: Ubuntu 24.04 images already hold user `ubuntu` with uid 1000, so it is removed first; the stages
-# run as uid 1000 (numeric USER, so Kubernetes' runAsNonRoot can verify it).
+# Debian 12's Python is the 3.11 the project needs (requires-python >=3.11,<3.12).
+# ca-certificates: TLS to S3 (artifacts, DVC remote) at run time. The stages run as uid 1000 (numeric USER, so
+# Kubernetes' runAsNonRoot can verify it).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates \
+    && apt-get install -y --no-install-recommends ca-certificates python3 python3-venv \
     && rm -rf /var/lib/apt/lists/* \
-    && if id -u ubuntu >/dev/null 2>&1; then userdel --remove ubuntu; fi \
     && groupadd --gid 1000 elborl \
     && useradd --uid 1000 --gid 1000 --create-home --shell /bin/bash elborl \
     && install -d -o 1000 -g 1000 /app \
-    && uv python install "${PYTHON_VERSION}" \
-    && uv venv --python "${PYTHON_VERSION}" /opt/venv
+    && python3 -m venv /opt/venv
 
-# Installed interpreter only from here on; every later install keeps torch's pins.
+# torch first, its own layer (the largest and the least often changed); every later install keeps its pins.
 COPY containers/torch-constraints.txt /opt/elborl/torch-constraints.txt
-ENV UV_PYTHON_DOWNLOADS=never \
-    UV_CONSTRAINT=/opt/elborl/torch-constraints.txt
+ENV PIP_CONSTRAINT=/opt/elborl/torch-constraints.txt
+RUN pip install -r /opt/elborl/torch-constraints.txt
 
-# torch first, from the PyTorch cu128 index (the build production runs on); its own layer, the largest and
-# the least often changed.
-RUN uv pip install --index-url https://download.pytorch.org/whl/cu128 -r /opt/elborl/torch-constraints.txt
+# The project's dependencies at the versions the tests ran against (containers/lock.py writes the lock: the whole
+# closure, so nothing is resolved here), before the code, so code changes do not reinstall them.
+COPY containers/requirements.lock /opt/elborl/requirements.lock
+RUN pip install --no-deps -r /opt/elborl/requirements.lock
 
-# The project's dependencies from pyproject.toml alone, so code changes below do not reinstall them.
 COPY pyproject.toml README.md /opt/elborl/src/
-RUN uv pip install -r /opt/elborl/src/pyproject.toml
-
 # The project itself (a regular, non-editable install into the venv); setuptools' build leftovers removed.
 COPY elborl/ /opt/elborl/src/elborl/
 COPY stages/ /opt/elborl/src/stages/
-RUN uv pip install --no-deps /opt/elborl/src \
+RUN pip install --no-deps /opt/elborl/src \
     && rm -rf /opt/elborl/src/build /opt/elborl/src/*.egg-info
 
 # Offline at run time: models come from mounted directories or S3, never from a hub; no telemetry.

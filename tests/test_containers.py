@@ -259,18 +259,15 @@ def test_images_are_pinned_to_exact_tags(path):
             assert re.search(r"\d+\.\d+", tag), f"{where}: tag names no exact version"
 
 
-def test_cuda_images_share_one_cuda_version():
-    cuda = {}
-    for path in DOCKERFILES:
-        for line, reference in _external_images(parse(path)):
-            name, tag, _ = _split_reference(reference)
-            if name in ("nvidia/cuda", "docker.io/nvidia/cuda", "nvcr.io/nvidia/cuda"):
-                cuda[f"{path.name}:{line}"] = tag
-    assert any("runtime" in tag for tag in cuda.values()), cuda  # the base runs on a runtime image
-    assert any("devel" in tag for tag in cuda.values()), cuda  # score's mmcv builder compiles on devel
-    versions = {tag.split("-")[0] for tag in cuda.values()}
-    assert len(versions) == 1, f"CUDA images of different versions: {cuda}"
-    assert versions.pop().startswith("12.8."), cuda
+def test_the_base_image_is_debian_12_through_one_build_arg():
+    """BASE_IMAGE is all that differs between a production build (Docker Hub's Debian 12) and one without a
+    registry (containers/local-base.sh): the base Dockerfile has one FROM, through it, and Debian's Python 3.11."""
+    dockerfile = parse(CONTAINERS / "base.Dockerfile")
+    assert len(dockerfile.stages) == 1
+    assert re.fullmatch(r"debian:12\.\d+-slim", dockerfile.global_args["BASE_IMAGE"])
+    assert [i.args for i in _instructions((CONTAINERS / "base.Dockerfile").read_text()) if i.keyword == "FROM"] == \
+        ["${BASE_IMAGE}"]
+    assert "python3 python3-venv" in (CONTAINERS / "base.Dockerfile").read_text()
 
 
 def test_torch_constraints_match_pyproject():
@@ -286,3 +283,25 @@ def test_torch_constraints_match_pyproject():
             name, _, version = line.partition("==")
             constraints[name] = version
     assert constraints == pins and set(pins) == {"torch", "torchvision"}
+
+
+def test_the_images_install_the_locked_closure_of_the_dependencies():
+    """containers/requirements.lock (containers/lock.py) pins every dependency of pyproject.toml at a version its
+    specifier allows, torch at the constraints' pin, and holds the whole run-time closure of this environment."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    sys.path.insert(0, str(CONTAINERS))
+    from lock import runtime_closure
+
+    locked = {}
+    for line in (CONTAINERS / "requirements.lock").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            locked[name] = version
+    for text in _project()["dependencies"]:
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        assert name in locked, f"{name} is not in the lock: run containers/lock.py"
+        assert requirement.specifier.contains(locked[name], prereleases=True), f"{name}=={locked[name]} vs {text}"
+    assert runtime_closure(_project()["dependencies"]).keys() == locked.keys(), "run containers/lock.py"

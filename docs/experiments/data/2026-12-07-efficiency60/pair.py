@@ -16,6 +16,9 @@ SITTINGS = {  # sitting -> (its files, the pairs compared within it)
     "EPYC (AVX-512 BF16), session 18": (
         ["base-and-nft-seed0.json", "elbo-seed1.json"],
         [("elbo seed1", "base"), ("nft seed0", "base"), ("elbo seed1", "nft seed0")]),
+    "EPYC (AVX-512 BF16), session 19": (
+        ["base-and-flow_grpo-seed1.json", "nft-seed1.json"],
+        [("flow_grpo seed1", "base"), ("nft seed1", "base"), ("nft seed1", "flow_grpo seed1")]),
 }
 
 
@@ -42,10 +45,10 @@ def main() -> None:
         for a, b in pairs:
             d = paired_difference(records[a], records[b])
             print(f"  {a} - {b}: {d['difference']:+.3f} ({d['low']:+.3f} to {d['high']:+.3f})")
-    if len(bases) == 2:
-        first, second = bases.values()
-        same = sum(x["correct"] == y["correct"] for x, y in zip(first, second))
-        print(f"\nthe base model's verdicts agree between the sittings on {same} of {len(first)} images")
+    (name, first), *others = bases.items()
+    for other, records in others:
+        same = sum(x["correct"] == y["correct"] for x, y in zip(first, records))
+        print(f"\nthe base model's verdicts agree between {name} and {other} on {same} of {len(first)} images")
 
 
 if __name__ == "__main__":
