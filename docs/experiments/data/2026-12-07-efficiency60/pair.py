@@ -27,8 +27,31 @@ def label(path: str) -> str:
     return "base" if path == "base" else " ".join(path.rstrip("/").split("/")[-2:])
 
 
+def seeds_mean(runs: list[list[dict]]) -> list[dict]:
+    """One record per test image holding the mean of several runs' verdicts on it (one method's seeds; the
+    evaluation's prompts and seeds are the same in every run, so records align)."""
+    return [{**first, "correct": sum(run[i]["correct"] for run in runs) / len(runs)} for i, first in enumerate(runs[0])]
+
+
+def across_sittings(every: dict[str, list[dict]]) -> None:
+    """Each method's seeds averaged image by image, then paired over the same 976 images: the interval is over
+    prompts, not over RL seeds (two or three seeds cannot give one)."""
+    methods = sorted({name.split()[0] for name in every if name != "base"})
+    means = {m: seeds_mean([recs for name, recs in sorted(every.items()) if name.split()[0] == m]) for m in methods}
+    means["base"] = every["base"]
+    print("\nacross sittings (each method's seeds averaged per image)")
+    for name, recs in means.items():
+        seeds = sorted(n.split()[1] for n in every if n.split()[0] == name) if name != "base" else []
+        low, high = bootstrap_overall(recs)
+        print(f"  {name} {'+'.join(seeds)}: {overall(recs):.3f} ({low:.3f}-{high:.3f})")
+    for a, b in [(m, "base") for m in methods] + [("elbo", "flow_grpo"), ("elbo", "nft"), ("nft", "flow_grpo")]:
+        if a in means and b in means:
+            d = paired_difference(means[a], means[b])
+            print(f"  {a} - {b}: {d['difference']:+.3f} ({d['low']:+.3f} to {d['high']:+.3f})")
+
+
 def main() -> None:
-    bases = {}
+    bases, every = {}, {}
     for sitting, (files, pairs) in SITTINGS.items():
         present = [name for name in files if (finals / name).exists()]
         if len(present) < len(files):
@@ -37,6 +60,7 @@ def main() -> None:
         kept = {k: v for name in files for k, v in json.loads((finals / name).read_text()).items()}
         records = {label(path): value["records"] for path, value in kept.items()}
         bases[sitting] = records["base"]
+        every.update(records)
         print(f"\n{sitting}")
         for name, recs in records.items():
             low, high = bootstrap_overall(recs)
@@ -45,6 +69,7 @@ def main() -> None:
         for a, b in pairs:
             d = paired_difference(records[a], records[b])
             print(f"  {a} - {b}: {d['difference']:+.3f} ({d['low']:+.3f} to {d['high']:+.3f})")
+    across_sittings(every)
     (name, first), *others = bases.items()
     for other, records in others:
         same = sum(x["correct"] == y["correct"] for x, y in zip(first, records))
