@@ -424,10 +424,7 @@ def test_campaign_chains_prepare_pretrain_train_evaluate_and_publishes_metrics(p
                       pretrain_cache=str(inputs["root"] / "pretrain-cache"))
     for artifact in ("prompts", "base", "runs/run/round-00000/update", "eval/run/base", "eval/run/round-00000"):
         assert (root / artifact / "manifest.json").exists(), artifact
-    assert set(result["scores"]) == {"base", "round-00000"}
-    tests = len((Path(inputs["prompts"]) / "test.jsonl").read_text().splitlines())
-    for name in ("base", "round-00000"):  # both processes' shares of the images, gathered
-        assert len((root / "eval/run" / name / "images.jsonl").read_text().splitlines()) == tests, name and result["training"]["rounds_completed"] == 1
+    assert set(result["scores"]) == {"base", "round-00000"} and result["training"]["rounds_completed"] == 1
     scores = json.loads(Artifact.get("eval-scores").data)
     assert [row["task"] for row in scores][-2:] == ["overall", "mean_reward"] and set(scores[0]) == {
         "task", "base", "round-00000"}
