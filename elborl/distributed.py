@@ -15,7 +15,9 @@ torch.distributed's, on the device the backend moves (NCCL only moves CUDA tenso
 
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 import os
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -126,6 +128,23 @@ class Processes:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+    def publish(self, store, uri: str, write, meta: dict, log=print, everyone: bool = True) -> None:
+        """`write`'s artifact published at `uri` by `store` (an elborl.store.ArtifactStore) unless it already is.
+        Every process runs `write` (its work holds collectives; `everyone=False`: the main process's alone, into a
+        scratch directory elsewhere), the main process publishes, and all wait until it has."""
+        if self.world == 1:
+            store.publish(uri, write, meta, log=log)
+            return
+        if self.agree(store.exists(uri)):
+            log(f"{uri}: already published, skipped")
+            return
+        if self.is_main:
+            store.publish(uri, write, meta, log=log)
+        elif everyone:
+            with tempfile.TemporaryDirectory() as scratch:
+                write(Path(scratch))
+        self.barrier()
 
 
 def _on_backend_device(tensor: torch.Tensor) -> torch.Tensor:

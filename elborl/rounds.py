@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 import json
-import tempfile
 import time
 
 import numpy as np
@@ -93,21 +92,9 @@ class RunContext:
 
     # --- artifacts ---------------------------------------------------------------------------------
     def publish(self, uri: str, write, meta: dict, everyone: bool = True) -> None:
-        """`write`'s artifact published at `uri` unless it already is. Under data parallelism every process
-        runs `write` (its work holds collectives; `everyone=False`: the main process's alone), the main
-        process publishes, and all wait until it has."""
-        if self.processes.world == 1:
-            self.store.publish(uri, write, meta, log=self.artifact_log)
-            return
-        if self.processes.agree(self.store.exists(uri)):
-            self.artifact_log(f"{uri}: already published, skipped")
-            return
-        if self.processes.is_main:
-            self.store.publish(uri, write, meta, log=self.artifact_log)
-        elif everyone:
-            with tempfile.TemporaryDirectory() as scratch:
-                write(Path(scratch))
-        self.processes.barrier()
+        """`write`'s artifact published at `uri` unless it already is, once among the job's processes
+        (`Processes.publish`)."""
+        self.processes.publish(self.store, uri, write, meta, self.artifact_log, everyone)
 
     def local(self, uri: str) -> Path:
         """A published artifact as a local directory (s3:// ones cached by manifest digest)."""

@@ -42,20 +42,16 @@ def main(args, params) -> None:
     for name in names:
         check_reward_name(name, "--metrics")
     store = ArtifactStore()
-    if processes.agree(store.exists(args.out)):
-        print(f"{args.out}: already published, skipped")
-        return
-    summary, records, images = held_out_evaluation(args, params, store, policy_state, names, processes)
-    if processes.is_main:
-        meta = {"stage": "evaluate", "model": args.model, "policy_state": policy_state,
-                "prompts": args.prompt_set or args.prompts, "metrics": names or ["geneval_strict"]}
 
-        def write(directory):
+    def write(directory):  # every process samples and scores its share; the main process writes
+        summary, records, images = held_out_evaluation(args, params, store, policy_state, names, processes)
+        if processes.is_main:
             write_evaluation(directory, summary, records, images)
+            print(format_table(summary["metrics"] if names else {args.name: summary}))
 
-        store.publish(args.out, write, meta)
-        print(format_table(summary["metrics"] if names else {args.name: summary}))
-    processes.barrier()  # the job ends when its evaluation is published
+    meta = {"stage": "evaluate", "model": args.model, "policy_state": policy_state,
+            "prompts": args.prompt_set or args.prompts, "metrics": names or ["geneval_strict"]}
+    processes.publish(store, args.out, write, meta)
 
 
 def held_out_evaluation(args, params, store, policy_state, names, processes):

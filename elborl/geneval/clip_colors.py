@@ -134,13 +134,13 @@ def load_clip_weights(model, weights: str | os.PathLike, model_name: str = CLIP_
     """Loads an open_clip state dict from a local file or s3:// URI, without running pickled code."""
     import open_clip
 
-    from elborl.store import local as local_path
+    from elborl.store import local
 
     try:
-        local = local_path(weights, cache_dir)
+        fetched = local(weights, cache_dir)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"CLIP weights not found: {error}. {CLIP_WEIGHTS_HINT}") from None
     try:
-        open_clip.load_checkpoint(model, str(local), strict=True, weights_only=True)
+        open_clip.load_checkpoint(model, str(fetched), strict=True, weights_only=True)
     except Exception as error:  # noqa: BLE001 - reported with what is expected
-        raise ValueError(f"{local}: not loadable as {model_name} weights ({error}). {CLIP_WEIGHTS_HINT}") from error
+        raise ValueError(f"{fetched}: not loadable as {model_name} weights ({error}). {CLIP_WEIGHTS_HINT}") from error

@@ -9,7 +9,6 @@ and plain containers.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
