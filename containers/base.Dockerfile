@@ -25,19 +25,18 @@ ENV VIRTUAL_ENV=/opt/venv \
 # Kubernetes' runAsNonRoot can verify it).
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates python3 python3-venv \
+    && apt-get clean \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --gid 1000 elborl \
     && useradd --uid 1000 --gid 1000 --create-home --shell /bin/bash elborl \
     && install -d -o 1000 -g 1000 /app \
     && python3 -m venv /opt/venv
 
-# torch first, its own layer (the largest and the least often changed); every later install keeps its pins.
-COPY containers/torch-constraints.txt /opt/elborl/torch-constraints.txt
-ENV PIP_CONSTRAINT=/opt/elborl/torch-constraints.txt
-RUN pip install -r /opt/elborl/torch-constraints.txt
-
-# The project's dependencies at the versions the tests ran against (containers/lock.py writes the lock: the whole
-# closure, so nothing is resolved here), before the code, so code changes do not reinstall them.
+# torch first, its own layer (the largest and the least often changed), then the project's other dependencies,
+# before the code, so code changes reinstall neither. The locks (containers/lock.py) hold the whole closure at the
+# versions the tests ran against, so nothing is resolved here.
+COPY containers/torch.lock /opt/elborl/torch.lock
+RUN pip install --no-deps -r /opt/elborl/torch.lock
 COPY containers/requirements.lock /opt/elborl/requirements.lock
 RUN pip install --no-deps -r /opt/elborl/requirements.lock
 

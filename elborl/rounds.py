@@ -153,6 +153,10 @@ class RunContext:
             read_state(self.local(round_uri(self.run, round_index, "update")), self._policy, optimizer)
         else:
             self._policy.load_state_dict(self._initial_state)
+            # torch seeds its global generator from the OS in every process; the run's own draws come from
+            # generators of (seed, epoch), and whatever else draws starts from the settings too, so the RNG state
+            # each update publishes is the same wherever the round ran
+            torch.manual_seed(self.params.rl.seed)
         self._held = (round_index, optimizer, torch.get_rng_state())
         return self._policy, optimizer
 

@@ -270,38 +270,36 @@ def test_the_base_image_is_debian_12_through_one_build_arg():
     assert "python3 python3-venv" in (CONTAINERS / "base.Dockerfile").read_text()
 
 
-def test_torch_constraints_match_pyproject():
-    pins = {}
-    for requirement in _project()["dependencies"]:
-        match = re.fullmatch(r"(torch|torchvision)==(\S+)", requirement)
-        if match:
-            pins[match.group(1)] = match.group(2)
-    constraints = {}
-    for line in (CONTAINERS / "torch-constraints.txt").read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            name, _, version = line.partition("==")
-            constraints[name] = version
-    assert constraints == pins and set(pins) == {"torch", "torchvision"}
+def _lock(name: str) -> dict[str, str]:
+    locked = {}
+    for line in (CONTAINERS / name).read_text().splitlines():
+        if line and not line.startswith("#"):
+            package, _, version = line.partition("==")
+            locked[package] = version
+    return locked
 
 
 def test_the_images_install_the_locked_closure_of_the_dependencies():
-    """containers/requirements.lock (containers/lock.py) pins every dependency of pyproject.toml at a version its
-    specifier allows, torch at the constraints' pin, and holds the whole run-time closure of this environment."""
+    """The locks (containers/lock.py) pin every dependency of pyproject.toml at a version its specifier allows,
+    split without overlap into the torch layer, the rest of the base and the score image's GenEval additions, and
+    together hold the whole run-time closure of this environment (opencv-python aside: the headless build in the
+    base provides its module)."""
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 
     sys.path.insert(0, str(CONTAINERS))
-    from lock import runtime_closure
+    from lock import HEADLESS_SUBSTITUTES, runtime_closure
 
-    locked = {}
-    for line in (CONTAINERS / "requirements.lock").read_text().splitlines():
-        if line and not line.startswith("#"):
-            name, _, version = line.partition("==")
-            locked[name] = version
-    for text in _project()["dependencies"]:
+    torch, base, geneval = _lock("torch.lock"), _lock("requirements.lock"), _lock("geneval.lock")
+    assert {"torch", "torchvision", "nvidia-cublas"} <= torch.keys()
+    assert not (torch.keys() & base.keys()) and not ((torch.keys() | base.keys()) & geneval.keys())
+    locked = {**torch, **base, **geneval}
+    project = _project()
+    for text in project["dependencies"] + project["optional-dependencies"]["geneval"]:
         requirement = Requirement(text)
         name = canonicalize_name(requirement.name)
-        assert name in locked, f"{name} is not in the lock: run containers/lock.py"
+        assert name in locked, f"{name} is not in the locks: run containers/lock.py"
         assert requirement.specifier.contains(locked[name], prereleases=True), f"{name}=={locked[name]} vs {text}"
-    assert runtime_closure(_project()["dependencies"]).keys() == locked.keys(), "run containers/lock.py"
+    closure = runtime_closure(project["dependencies"] + project["optional-dependencies"]["geneval"])
+    assert closure.keys() - HEADLESS_SUBSTITUTES == locked.keys(), "run containers/lock.py"
+    assert all(closure[name] == version for name, version in locked.items()), "run containers/lock.py"

@@ -157,3 +157,19 @@ def test_a_run_records_its_identity_and_refuses_other_settings(tmp_path):
     stage.check_settings()  # this run keeps the default ema_decay
     with pytest.raises(ValueError, match=r"changed: rl\.ema_decay"):
         RunContext(run, Params(policy=POLICY, rl=replace(params.rl, ema_decay=0.5))).check_settings()
+
+
+def test_an_update_publishes_the_same_bytes_whatever_the_process_rng_was(tmp_path):
+    """torch seeds its global generator from the OS in each process; a round's published state (the RNG's among
+    it) must depend on the settings alone, so a stage in a container publishes what it publishes in-process."""
+    digests = []
+    for name, process_seed in (("a", 1), ("b", 2)):
+        (tmp_path / name).mkdir()
+        ctx = context(tmp_path / name, str(tmp_path / name / "store"))
+        torch.manual_seed(process_seed)  # what another process would have started from
+        rollout_stage(ctx, 0)
+        score_stage(ctx, 0, brightness)
+        update_stage(ctx, 0)
+        manifest = json.loads((tmp_path / name / "store/run/round-00000/update/manifest.json").read_text())
+        digests.append({f["path"]: f["sha256"] for f in manifest["files"]})
+    assert "rng.safetensors" in digests[0] and digests[0] == digests[1]
