@@ -54,6 +54,9 @@ def podman_socket(tmp_path):
             assert service.poll() is None and time.monotonic() < deadline, service.stderr.read()
             time.sleep(0.3)
     yield f"unix://{socket}"
+    for container in docker.DockerClient(base_url=f"unix://{socket}").containers.list(
+            all=True, filters={"label": f"io.prefect.work-pool-name={POOL}"}):
+        container.remove(force=True)  # the flow runs' containers (kept for inspection: auto_remove is off)
     service.terminate()
     service.wait(timeout=30)
 
@@ -145,7 +148,7 @@ def test_a_docker_pool_runs_two_rounds_in_the_image_and_resumes_after_the_worker
             _wait(lambda: "run/round-00001/rollout/manifest.json" in _manifests(s3), 600, "round 1's rollout",
                   worker, log)
             _kill(worker)
-            containers = engine.containers.list(filters={"label": f"prefect.io/flow-run-id={first.id}"})
+            containers = engine.containers.list(filters={"label": f"io.prefect.flow-run-id={first.id}"})
             assert len(containers) == 1, containers
             containers[0].kill()
             before = _manifests(s3)
@@ -159,7 +162,7 @@ def test_a_docker_pool_runs_two_rounds_in_the_image_and_resumes_after_the_worker
             _kill(worker)
         state = client.read_flow_run(second.id).state
         assert state.is_completed(), f"{state}\n{log.read_text()[-3000:]}"
-        container = engine.containers.list(all=True, filters={"label": f"prefect.io/flow-run-id={second.id}"})[0]
+        container = engine.containers.list(all=True, filters={"label": f"io.prefect.flow-run-id={second.id}"})[0]
         assert container.attrs["Config"]["Image"].endswith(f"elborl-base:{VERSION}")
         assert container.attrs["Config"]["User"] == "1000:1000"
 
