@@ -255,11 +255,14 @@ def main(argv=None, prog: str | None = None) -> None:
         print(f"published artifacts are listed in {artifact_log}")
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(artifact_log, "a") as log_file:
-            ctx, final, summaries["fine-tuned"] = fine_tune(
-                model, train_set, test, params, run_dir, max_train_seconds=rl_minutes and rl_minutes * 60,
-                base_evaluation=lambda: (base_summary, records, images), progress=progress,
-                artifact_log=lambda line: print(line, file=log_file, flush=True),
-                identity=run_settings(base_path, params))
+            try:
+                ctx, final, summaries["fine-tuned"] = fine_tune(
+                    model, train_set, test, params, run_dir, max_train_seconds=rl_minutes and rl_minutes * 60,
+                    base_evaluation=lambda: (base_summary, records, images), progress=progress,
+                    artifact_log=lambda line: print(line, file=log_file, flush=True),
+                    identity=run_settings(base_path, params))
+            except FloatingPointError as error:  # NonFiniteTrainingError: the run stopped at its last good round
+                sys.exit(f"{parser.prog}: error: {error}")
         written["fine-tuned"] = {"scores": ctx.local(final) / "scores.json", "grid": ctx.local(final) / "grid.png"}
         curves = plot_run(round_metrics(ctx), evaluations(ctx), run_dir / "curves.png")
         report = write_run_report(ctx, run_dir / "report.html", base_model=str(base_path),

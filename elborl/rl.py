@@ -117,6 +117,11 @@ class RLConfig:
     ))] = 0.9
     weight_decay: Annotated[Float, Field(ge=0, description="AdamW's decoupled weight decay.")] = 1e-4
     grad_clip: Annotated[Float, Field(gt=0, description="The gradient-norm clip of every optimizer step.")] = 5.0
+    max_nonfinite_steps: Annotated[Int, Field(ge=0, description=(
+        "An optimizer step whose gradient is NaN or infinite (from a reward, loss or gradient that is) is skipped: "
+        "no step, no EMA move, logged. A run that has skipped more than this many stops at the round that "
+        "crossed it, naming the cause, before publishing it: the last good round's state stays the latest."
+    ))] = 8
     kl_beta: Annotated[Float, Field(ge=0, allow_inf_nan=False, description=(
         "β of the KL penalty to the reference policy (0: neither computed nor logged). The paper's 1e-4 is "
         "negligible at the shapes world's scale: without a KL the policy's palette drifts within 15 minutes "
@@ -428,7 +433,7 @@ def update(policy: Policy, optimizer, ro: Rollout, rewards: torch.Tensor, config
     order = torch.randperm(len(terms["t"]), generator=generator)
     if config.drop_zero_advantage:
         order = order[advantages[order // per_sample] != 0]
-    stats, grad_norms = EpochStats(config), []
+    stats, grad_norms, nonfinite_steps = EpochStats(config), [], 0
     for step_in_epoch, chunk in enumerate(order.chunk(config.optimizer_steps_per_epoch)):
         if len(chunk) == 0:  # every sample dropped (drop_zero_advantage): no step, as Flow-GRPO
             continue
@@ -449,7 +454,12 @@ def update(policy: Policy, optimizer, ro: Rollout, rewards: torch.Tensor, config
                                            generator, stats)
             (losses.sum() / len(chunk)).backward()
         processes.sum_gradients(policy.trainable_parameters())
-        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), config.grad_clip)))
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), config.grad_clip)
+        if not torch.isfinite(grad_norm):  # the summed gradient is the same on every process: all skip together
+            nonfinite_steps += 1
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        grad_norms.append(float(grad_norm))
         optimizer.step()
         policy.update_ema(ema_decay(epoch * config.optimizer_steps_per_epoch + step_in_epoch, config.ema_decay))
     steps_taken = (epoch + 1) * config.optimizer_steps_per_epoch
@@ -457,7 +467,7 @@ def update(policy: Policy, optimizer, ro: Rollout, rewards: torch.Tensor, config
     stats.gather(processes)
     row = {**stats.summary(), "grad_norm": float(np.mean(grad_norms)) if grad_norms else 0.0,
            "advantage_abs_mean": float(advantages.abs().mean()),
-           "group_diversity": group_diversity(ro.x0, ro.group_ids)}
+           "group_diversity": group_diversity(ro.x0, ro.group_ids), "nonfinite_steps": nonfinite_steps}
     if config.drop_zero_advantage:
         row["terms_trained"] = len(order)
     return row

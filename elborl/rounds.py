@@ -294,6 +294,7 @@ def update_stage(ctx: RunContext, round_index: int) -> str:
                    **{k: v for k, v in scores.items() if k.startswith("score/")},
                    **update(policy, optimizer, ro, rewards, ctx.params.rl, round_index, ctx.processes)}
         seconds = time.perf_counter() - start
+        check_finite_training(ctx, round_index, metrics, rewards)
         ctx.hold(round_index, optimizer)
         if not ctx.processes.is_main:
             return {}
@@ -304,6 +305,31 @@ def update_stage(ctx: RunContext, round_index: int) -> str:
 
     ctx.publish(out, write, {"round": round_index, "stage": "update"})
     return out
+
+
+class NonFiniteTrainingError(FloatingPointError):
+    """More optimizer steps of a run had a NaN or infinite gradient than rl.max_nonfinite_steps allows."""
+
+
+def check_finite_training(ctx: RunContext, round_index: int, metrics: dict, rewards: torch.Tensor) -> None:
+    """Logs the steps this round skipped for a NaN/inf gradient, and stops the run, before the round is published,
+    once the run has skipped more than rl.max_nonfinite_steps, naming the rewards when they are the cause."""
+    skipped = metrics["nonfinite_steps"]
+    if skipped == 0:
+        return
+    bad_rewards = int((~torch.isfinite(rewards)).sum())
+    cause = f"{bad_rewards} of {len(rewards)} rewards are NaN or infinite" if bad_rewards else \
+        "the rewards are finite: the loss or its gradient overflowed"
+    earlier = sum(ctx.store.read_manifest(round_uri(ctx.run, r, "update"))["meta"]["metrics"].get("nonfinite_steps", 0)
+                  for r in range(round_index))
+    limit = ctx.params.rl.max_nonfinite_steps
+    ctx.log(f"round {round_index}: skipped {skipped} optimizer step(s) with a NaN or infinite gradient ({cause}); "
+            f"{earlier + skipped} in the run, at most {limit} allowed (rl.max_nonfinite_steps)")
+    if earlier + skipped > limit:
+        last_good = f"round {round_index - 1}'s update" if round_index > 0 else "the initial policy"
+        raise NonFiniteTrainingError(
+            f"round {round_index} not published: {earlier + skipped} optimizer steps of this run had a NaN or infinite "
+            f"gradient, over rl.max_nonfinite_steps = {limit} ({cause}); the run's latest state is {last_good}")
 
 
 def evaluation_stage(ctx: RunContext, rounds_done: int, evaluate_fn, result: Callable[[], tuple] | None = None,

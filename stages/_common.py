@@ -40,5 +40,6 @@ def run_stage(main, parser: argparse.ArgumentParser, argv=None, data_parallel: b
     torch.set_num_threads(args.threads)
     try:
         main(args, load_params_with_overrides(args.params, args.set))
-    except (FileNotFoundError, FileExistsError, ValueError, BotoCoreError, ClientError, RewardServiceError) as error:
+    except (FileNotFoundError, FileExistsError, ValueError, BotoCoreError, ClientError, RewardServiceError,
+            FloatingPointError) as error:  # FloatingPointError: elborl.rounds.NonFiniteTrainingError
         sys.exit(f"{parser.prog}: error: {error}")

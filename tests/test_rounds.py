@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -173,3 +174,67 @@ def test_an_update_publishes_the_same_bytes_whatever_the_process_rng_was(tmp_pat
         manifest = json.loads((tmp_path / name / "store/run/round-00000/update/manifest.json").read_text())
         digests.append({f["path"]: f["sha256"] for f in manifest["files"]})
     assert "rng.safetensors" in digests[0] and digests[0] == digests[1]
+
+
+def nan_for_round(bad_round: int, value=float("nan")):
+    """Brightness, except that one image of round `bad_round` (by call count) scores `value`."""
+    calls = []
+
+    def reward(images, metas):
+        calls.append(1)
+        scores = brightness(images, metas)
+        if len(calls) == bad_round + 1:
+            scores[0] = value
+        return scores
+
+    return reward
+
+
+def round_1_with_a_nan_reward(tmp_path, name: str, max_nonfinite_steps: int, log) -> RunContext:
+    """A run whose round 0 is good and whose round 1 has one NaN reward, up to round 1's update."""
+    (tmp_path / name).mkdir()
+    ctx = context(tmp_path / name, str(tmp_path / name / "store"), epochs=3, log=log)
+    ctx = RunContext(ctx.run, Params(policy=POLICY, rl=replace(ctx.params.rl, max_nonfinite_steps=max_nonfinite_steps)),
+                     ctx.base_model, ctx.prompts, cache=ctx.cache, log=log)
+    reward = nan_for_round(1)
+    rollout_stage(ctx, 0)
+    score_stage(ctx, 0, reward)
+    update_stage(ctx, 0)
+    rollout_stage(ctx, 1)
+    score_stage(ctx, 1, reward)
+    return ctx
+
+
+def test_non_finite_steps_are_skipped_and_the_run_stops_past_the_limit_at_its_last_good_round(tmp_path):
+    # a NaN reward poisons every step's gradient: each is skipped, and past the limit the run stops unpublished
+    logs = []
+    limited = round_1_with_a_nan_reward(tmp_path, "limited", 0, logs.append)
+    with pytest.raises(FloatingPointError, match=r"round 1 not published: \d+ optimizer steps .* over "
+                                                 r"rl.max_nonfinite_steps = 0 \(1 of \d+ rewards are NaN"):
+        update_stage(limited, 1)
+    assert limited.completed_rounds() == 1 and not (tmp_path / "limited/store/run/round-00001/update").exists()
+    assert "round 1: skipped" in logs[-1] and "rewards are NaN or infinite" in logs[-1]
+
+    # under the limit the round is published with the steps it skipped; θ and its EMA did not move (θ_old takes
+    # its scheduled soft update towards θ)
+    ctx = round_1_with_a_nan_reward(tmp_path, "allowed", 8, logs.append)
+    good = {k: v.clone() for k, v in ctx.policy_after(0)[0].state_dict().items()}
+    update_stage(ctx, 1)
+    metrics = round_metrics(ctx)
+    assert metrics[1]["nonfinite_steps"] == ctx.params.rl.optimizer_steps_per_epoch
+    assert metrics[0]["nonfinite_steps"] == 0
+    after = RunContext(ctx.run, ctx.params, ctx.base_model, cache=ctx.cache).policy_after(1)[0].state_dict()
+    moved = [k for k in good if not k.startswith("old/") and not torch.equal(after[k], good[k])]
+    assert not moved and any(k.startswith("ema/") for k in good)
+
+
+def test_an_overflowing_loss_is_named_as_such(tmp_path):
+    """Finite rewards so far apart that their advantages overflow float32: the steps are skipped, and the cause
+    named is the loss, not the rewards."""
+    logs = []
+    ctx = context(tmp_path, str(tmp_path / "store"), epochs=1, log=logs.append)
+    rollout_stage(ctx, 0)
+    score_stage(ctx, 0, nan_for_round(0, value=-3e38))
+    update_stage(ctx, 0)
+    assert round_metrics(ctx)[0]["nonfinite_steps"] > 0
+    assert any("the rewards are finite: the loss or its gradient overflowed" in line for line in logs)
