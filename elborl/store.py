@@ -13,6 +13,7 @@ an explicit `endpoint_url` or `profile` overrides them. Nothing about credential
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -342,9 +343,15 @@ class ArtifactStore:
         if self.exists(uri):
             log(f"{uri}: already published, skipped")
             return False
-        with tempfile.TemporaryDirectory() as tmp:
-            extra = write(Path(tmp))
-            self.put_artifact(tmp, uri, {**(meta or {}), **(extra or {})})
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                extra = write(Path(tmp))
+                self.put_artifact(tmp, uri, {**(meta or {}), **(extra or {})})
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            raise OSError(errno.ENOSPC, f"no space left on device while making {uri} (in {tempfile.gettempdir()} "
+                                        "or at its destination); nothing was published, what was stands") from error
         log(f"published {uri}")
         return True
 

@@ -40,6 +40,6 @@ def run_stage(main, parser: argparse.ArgumentParser, argv=None, data_parallel: b
     torch.set_num_threads(args.threads)
     try:
         main(args, load_params_with_overrides(args.params, args.set))
-    except (FileNotFoundError, FileExistsError, ValueError, BotoCoreError, ClientError, RewardServiceError,
-            FloatingPointError) as error:  # FloatingPointError: elborl.rounds.NonFiniteTrainingError
+    except (OSError, ValueError, BotoCoreError, ClientError, RewardServiceError,
+            FloatingPointError) as error:  # OSError: a missing input, a full disk; FloatingPointError: NaN training
         sys.exit(f"{parser.prog}: error: {error}")

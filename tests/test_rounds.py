@@ -1,5 +1,6 @@
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -238,3 +239,31 @@ def test_an_overflowing_loss_is_named_as_such(tmp_path):
     update_stage(ctx, 0)
     assert round_metrics(ctx)[0]["nonfinite_steps"] > 0
     assert any("the rewards are finite: the loss or its gradient overflowed" in line for line in logs)
+
+
+def test_a_full_disk_while_writing_a_round_names_it_and_the_run_resumes_when_there_is_room(tmp_path, monkeypatch):
+    import errno
+
+    from elborl import checkpoint
+
+    ctx = context(tmp_path, str(tmp_path / "store"), epochs=1)
+    rollout_stage(ctx, 0)
+    score_stage(ctx, 0, brightness)
+    real_save = checkpoint.save_file
+
+    def full_after_a_few_bytes(tensors, path):  # the device fills up while the policy state is written
+        Path(path).write_bytes(b"\0" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", full_after_a_few_bytes)
+    with pytest.raises(OSError, match=r"no space left on device while making .*round-00000/update.* nothing was "
+                                      r"published") as raised:
+        update_stage(ctx, 0)
+    assert raised.value.errno == errno.ENOSPC
+    assert ctx.completed_rounds() == 0 and not (tmp_path / "store/run/round-00000/update").exists()
+    assert (tmp_path / "store/run/round-00000/score/manifest.json").exists()  # the round's inputs stand
+
+    monkeypatch.setattr(checkpoint, "save_file", real_save)
+    fresh = RunContext(ctx.run, ctx.params, ctx.base_model, ctx.prompts, cache=ctx.cache)
+    update_stage(fresh, 0)  # room again: the round completes as it would have
+    assert_same_as_one_process_run(fresh, tmp_path, epochs=1)
