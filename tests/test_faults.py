@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import random
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -142,3 +143,77 @@ def test_random_sigkills_resume_to_the_uninterrupted_weights_with_nothing_lost_o
     print(f"{len(rows)} trials ({killed_runs} killed mid-run), all resumed bit-identical; 0 rounds lost, "
           f"0 republished, 0 half-published artifacts visible")
     assert killed_runs >= TRIALS * 0.8  # most kill points fall inside the run (a delay may outlast it)
+
+
+# --- the S3 server crashes -------------------------------------------------------------------------------------
+MiB = 1024 * 1024
+
+
+def _restart_after(gateway, seconds: float, outages: list) -> None:
+    """Kills the gateway now and starts it again `seconds` later, in the background."""
+    started = time.perf_counter()
+    gateway.kill()
+
+    def restart():
+        time.sleep(seconds)
+        gateway.start()
+        outages.append(time.perf_counter() - started)
+
+    threading.Thread(target=restart, daemon=True).start()
+
+
+def _kill_once_after(store: ArtifactStore, operation: str, gateway, seconds: float, outages: list) -> None:
+    """Kills the server right after the first `operation` call (e.g. the first part of a multipart upload)."""
+    def handler(**_):
+        if not outages and not getattr(handler, "fired", False):
+            handler.fired = True
+            _restart_after(gateway, seconds, outages)
+
+    store.s3.meta.events.register(f"after-call.s3.{operation}", handler)
+
+
+def test_the_s3_server_killed_mid_upload_and_mid_download_is_retried_and_nothing_partial_is_seen(tmp_path,
+                                                                                                 monkeypatch):
+    import torch
+    from safetensors.torch import save_file
+
+    from s3server import run_restartable_s3_server
+
+    source = tmp_path / "source"
+    source.mkdir()
+    save_file({"w": torch.rand(6 * MiB, generator=torch.Generator().manual_seed(0))},
+              source / "weights.safetensors")  # 24 MiB: five parts of 5 MiB
+    (source / "config.json").write_text('{"layers": 2}')
+    with run_restartable_s3_server(tmp_path / "s3") as (server, gateway):
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        bucket = server.create_bucket()
+        uri = f"s3://{bucket}/model"
+
+        # killed after the first part went up, back 2 s later: botocore's retries with backoff finish the upload
+        uploads, outages = ArtifactStore(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB), []
+        _kill_once_after(uploads, "UploadPart", gateway, 2.0, outages)
+        start = time.perf_counter()
+        manifest = uploads.put_artifact(source, uri)
+        upload_seconds = time.perf_counter() - start
+        assert len(outages) == 1, "the server was not killed mid-upload"
+
+        # killed as the first ranged GET answered (its body cut off): the download is retried and verified
+        downloads, outages = ArtifactStore(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB), []
+        _kill_once_after(downloads, "GetObject", gateway, 2.0, outages)
+        start = time.perf_counter()
+        downloads.get_artifact(uri, tmp_path / "fetched")  # checks every file against the manifest
+        download_seconds = time.perf_counter() - start
+        assert len(outages) == 1, "the server was not killed mid-download"
+        assert (tmp_path / "fetched/weights.safetensors").read_bytes() == (source / "weights.safetensors").read_bytes()
+        assert [f["path"] for f in manifest["files"]] == ["config.json", "weights.safetensors"]
+
+        # down for longer than the retries last: a clear failure, and the artifact never becomes visible
+        patient = ArtifactStore(multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, max_attempts=2)
+        gateway.kill()
+        with pytest.raises(Exception, match=r"(?i)connect|endpoint"):
+            patient.put_artifact(source, f"s3://{bucket}/never")
+        gateway.start()
+        assert not patient.exists(f"s3://{bucket}/never")
+    print(f"\nS3 server killed mid multipart upload: published in {upload_seconds:.1f} s; mid download: fetched and "
+          f"verified in {download_seconds:.1f} s; down past 2 attempts: refused, nothing visible")
