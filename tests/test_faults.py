@@ -16,9 +16,13 @@ import json
 import multiprocessing
 import os
 import random
+import secrets
 import signal
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -217,3 +221,80 @@ def test_the_s3_server_killed_mid_upload_and_mid_download_is_retried_and_nothing
         assert not patient.exists(f"s3://{bucket}/never")
     print(f"\nS3 server killed mid multipart upload: published in {upload_seconds:.1f} s; mid download: fetched and "
           f"verified in {download_seconds:.1f} s; down past 2 attempts: refused, nothing visible")
+
+
+# --- the reward service crashes ----------------------------------------------------------------------------------
+def _serve_rewards(port: int, token: str) -> subprocess.Popen:
+    service = subprocess.Popen([sys.executable, "-m", "elborl.rewards.service", "--port", str(port), "--rewards",
+                                "shapes_geneval", "--preload", "--threads", "1"], cwd=ROOT,
+                               env={**os.environ, "ELBORL_REWARD_TOKEN": token}, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+                return service
+        except OSError:
+            assert service.poll() is None and time.monotonic() < deadline, "the reward service did not start"
+            time.sleep(0.2)
+
+
+def test_the_reward_service_killed_mid_round_fails_the_score_stage_cleanly_and_the_round_resumes(tmp_path,
+                                                                                                 monkeypatch):
+    import numpy as np
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from elborl.geneval.prompts import shapes_test_set
+    from elborl.rewards import make_reward
+    from elborl.shapes.render import render_batch
+    from stages._common import run_stage
+    from stages.score import build_parser, main
+
+    metas = shapes_test_set()[:12]
+    images = render_batch(metas, seed=3)
+    rollout = tmp_path / "rollout"
+    (rollout / "images").mkdir(parents=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(rollout / "images" / f"{i:05d}.png")
+    sampler = {"sampler": "euler", "steps": 1, "shift": 1.0, "guidance": 1.0}
+    (rollout / "samples.jsonl").write_text("".join(json.dumps({**m, "group": i, "seed": i, **sampler}) + "\n"
+                                                   for i, m in enumerate(metas)))
+    save_file({"x0": torch.zeros(len(metas), 3, 32, 32)}, rollout / "samples.safetensors")
+    run = tmp_path / "run"
+    ArtifactStore().put_artifact(rollout, run / "round-00000" / "rollout", {"stage": "rollout"})
+
+    token, port = secrets.token_urlsafe(16), _free_port()
+    monkeypatch.setenv("ELBORL_REWARD_TOKEN", token)
+    argv = ["--params", str(ROOT / "params.yaml"), "--threads", "1", "--run", str(run), "--round", "0",
+            "--reward-url", f"http://127.0.0.1:{port}"]
+    service = _serve_rewards(port, token)
+    service.kill()  # the service crashes before the round's images reach it
+    service.wait()
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as raised:
+        run_stage(main, build_parser(), argv)
+    waited = time.perf_counter() - start
+    message = str(raised.value.code)
+    assert "failed after 6 attempts" in message and "\n" not in message and token not in message
+    assert not (run / "round-00000" / "score").exists()  # nothing published: the round is still to be scored
+
+    service = _serve_rewards(port, token)  # back: the same stage scores the round
+    try:
+        run_stage(main, build_parser(), argv)
+    finally:
+        service.kill()
+        service.wait()
+    rewards = json.loads((run / "round-00000" / "score" / "rewards.json").read_text())["rewards"]
+    assert np.array_equal(np.array(rewards, dtype=np.float32), make_reward("shapes_geneval")(images, metas))
+    print(f"\nreward service down: the score stage gave up after {waited:.1f} s of retries, published nothing; "
+          f"served again, the round scored as in-process")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
