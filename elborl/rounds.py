@@ -241,9 +241,19 @@ def _read_rollout(directory: Path) -> tuple[Rollout, list[dict]]:
 
 
 def read_images(directory: Path, n: int, share: slice = slice(None)) -> np.ndarray:
-    """The rollout's `n` images (or the `share` of them one process scores)."""
-    return np.stack([np.asarray(Image.open(directory / "images" / f"{i:05d}.png").convert("RGB"))
-                     for i in range(n)[share]])
+    """The rollout's `n` images (or the `share` of them one process scores): RGB, all of one size."""
+    images, first = [], None
+    for i in range(n)[share]:
+        name = f"images/{i:05d}.png"
+        with Image.open(directory / name) as image:
+            shape = (image.mode, image.size)
+            first = first or (name, shape)
+            if image.mode != "RGB" or shape != first[1]:
+                raise ValueError(f"{directory}/{name} is {image.size[0]}x{image.size[1]} {image.mode}; the rollout's "
+                                 f"images are RGB and of one size ({first[0]}: {first[1][1][0]}x{first[1][1][1]} "
+                                 f"{first[1][0]})")
+            images.append(np.asarray(image))
+    return np.stack(images)
 
 
 def score_stage(ctx: RunContext, round_index: int, reward_fn) -> str:

@@ -128,6 +128,21 @@ def _verify(path: Path, entry: dict, uri: str) -> None:
         )
 
 
+_VERIFIED_IN_PLACE: set[tuple[str, str]] = set()  # (directory, manifest digest) checked by this process
+
+
+def _verify_in_place(directory: Path, manifest: dict, uri: str, digest: str) -> None:
+    key = (str(directory.resolve()), digest)
+    if key in _VERIFIED_IN_PLACE:
+        return
+    for entry in manifest["files"]:
+        path = directory / entry["path"]
+        if not path.is_file():
+            raise ChecksumError(f"{uri}/{entry['path']}: missing, though the manifest lists it")
+        _verify(path, entry, uri)
+    _VERIFIED_IN_PLACE.add(key)
+
+
 def _staging_dir(target: Path) -> Path:
     """A fresh directory beside `target`, so the final rename stays on one filesystem and is atomic."""
     staging = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.partial"
@@ -152,6 +167,10 @@ def _parse_uri(uri: str | os.PathLike) -> tuple[str | None, str]:
         bucket, _, key = text[len("s3://"):].partition("/")
         if not text.startswith("s3://") or not _BUCKET.fullmatch(bucket):
             raise ValueError(f"bad URI {text!r}: expected s3://bucket/prefix")
+        segments = key.rstrip("/").split("/") if key.rstrip("/") else []
+        if any(segment in ("", ".", "..") for segment in segments):
+            # S3 keeps such keys literally, but the same names on disk (the cache, a mirror) would climb out
+            raise ValueError(f"bad URI {text!r}: a key may not have empty, '.' or '..' segments")
         return bucket, key
     if scheme.group(1) == "file":
         parsed = urlparse(text)
@@ -368,7 +387,7 @@ class ArtifactStore:
         if bucket is None:
             if not Path(key).exists():
                 raise FileNotFoundError(f"nothing at {os.fspath(uri)}")
-            return Path(key)
+            return self.local_artifact(uri) if (Path(key) / MANIFEST).is_file() else Path(key)
         if self.exists(uri):
             return self.local_artifact(uri, cache)
         if key and not key.endswith("/") and self._object_size(bucket, key) is not None:
@@ -378,15 +397,18 @@ class ArtifactStore:
     def local_artifact(self, uri: str | os.PathLike, cache: str | os.PathLike | None = None) -> Path:
         """A published artifact as a local directory.
 
-        Local artifacts are read in place (their manifest must exist). `s3://` ones are downloaded and verified
-        once into `<cache>/artifacts/<digest of the manifest>` (`cache`: the cache root, `cache_root`) and reused
-        while the published manifest is unchanged; a republished artifact gets a new directory.
+        Local artifacts are read in place (their manifest must exist), checked against it once per process: a file
+        truncated, altered or missing since it was published fails here, naming it, not deep in a loader. `s3://`
+        ones are downloaded and verified once into `<cache>/artifacts/<digest of the manifest>` (`cache`: the
+        cache root, `cache_root`) and reused while the published manifest is unchanged; a republished artifact
+        gets a new directory.
         """
         manifest = self.read_manifest(uri)  # a clear error when nothing is published there
         bucket, key = _parse_uri(uri)
-        if bucket is None:
-            return Path(key)
         digest = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:20]
+        if bucket is None:
+            _verify_in_place(Path(key), manifest, os.fspath(uri), digest)
+            return Path(key)
         target = cache_root(cache) / "artifacts" / digest
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)

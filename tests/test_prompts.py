@@ -221,11 +221,22 @@ def test_read_jsonl_fills_missing_exclude_and_skips_blank_lines(tmp_path):
 )
 def test_read_jsonl_names_file_and_line_of_malformed_record(tmp_path, bad_line, message):
     path = tmp_path / "bad.jsonl"
-    good = json.dumps(shapes_test_set()[0])
-    path.write_text(f"{good}\n{good}\n{bad_line}\n")
+    first, second = (json.dumps(record) for record in shapes_test_set()[:2])
+    path.write_text(f"{first}\n{second}\n{bad_line}\n")
     with pytest.raises(ValueError, match=message) as error:
         read_jsonl(path)
     assert f"{path}:3" in str(error.value)
+
+
+def test_read_jsonl_refuses_a_repeated_prompt_and_an_empty_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    records = shapes_test_set()[:3]
+    write_jsonl(path, [*records, records[1]])
+    with pytest.raises(ValueError, match=rf"{path}:4: duplicate of line 2's prompt '{records[1]['prompt']}'"):
+        read_jsonl(path)
+    path.write_text("\n\n")
+    with pytest.raises(ValueError, match=rf"{path}: no prompts"):
+        read_jsonl(path)
 
 
 def test_describe_colours_names_each_clause_colour_in_the_caption_and_metadata():

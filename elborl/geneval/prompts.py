@@ -294,15 +294,23 @@ def write_jsonl(path, records) -> None:
 def read_jsonl(path) -> list[dict]:
     """Prompt records from a GenEval-style JSONL file; blank lines are skipped.
 
-    A record without "exclude" gets an empty one. Malformed lines raise ValueError naming the
-    file and the 1-based line number.
+    A record without "exclude" gets an empty one. Malformed lines, a prompt repeated (it would count twice in
+    scores and be drawn twice as often in training) and a file without prompts raise ValueError naming the file
+    and the 1-based line numbers.
     """
-    records = []
+    records, first_line = [], {}
     with open(path, encoding="utf-8") as f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            records.append(_parse_record(line, Path(path), line_number))
+            record = _parse_record(line, Path(path), line_number)
+            if record["prompt"] in first_line:
+                raise ValueError(f"{path}:{line_number}: duplicate of line {first_line[record['prompt']]}'s prompt "
+                                 f"{record['prompt']!r}")
+            first_line[record["prompt"]] = line_number
+            records.append(record)
+    if not records:
+        raise ValueError(f"{path}: no prompts")
     return records
 
 
