@@ -50,3 +50,26 @@ def s3_env(s3_server, monkeypatch, tmp_path):
     for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)
     return s3_server
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A real Prefect API server (SQLite in a temporary directory) for the session, offline: one for every
+    module that asks (tests/test_flows.py, test_docker_pool.py, test_security.py)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT))  # flows/ lives in the checkout
+    import flows  # sets the offline Prefect settings before Prefect is imported
+
+    for name, value in flows.OFFLINE_SETTINGS.items():
+        os.environ.setdefault(name, value)
+    from prefect.settings import (
+        PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
+    from prefect.testing.utilities import prefect_test_harness
+
+    offline = {PREFECT_HOME: os.environ["PREFECT_HOME"], PREFECT_SERVER_ANALYTICS_ENABLED: False,
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 90}
+    with temporary_settings(updates=offline), prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from test_container_images import REQUIRED, VERSION, _image
-from test_flows import ROOT, flow_logs, prefect_server  # noqa: F401  - prefect_server is a fixture
+from test_flows import ROOT, flow_logs
 from test_embedded_job import TINY_PARAMS
 from test_rl_loop import METAS
 from conftest import TINY
@@ -126,7 +126,7 @@ def _kill(worker: subprocess.Popen) -> None:
 
 
 def test_a_docker_pool_runs_two_rounds_in_the_image_and_resumes_after_the_worker_is_killed(
-        s3_env, prefect_server, podman_socket, tmp_path):  # noqa: F811 - the fixture imported above
+        s3_env, prefect_server, podman_socket, tmp_path):
     import docker
     from prefect.client.orchestration import get_client
 

@@ -34,23 +34,6 @@ THREADS = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 # --- the Prefect server and the tiny inputs ------------------------------------------------------------
-@pytest.fixture(scope="session")
-def prefect_server():
-    """A real Prefect API server (SQLite in a temporary directory) for the session, offline."""
-    for name, value in flows.OFFLINE_SETTINGS.items():
-        os.environ.setdefault(name, value)
-    from prefect.settings import (
-        PREFECT_API_URL, PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
-        temporary_settings,
-    )
-    from prefect.testing.utilities import prefect_test_harness
-
-    offline = {PREFECT_HOME: os.environ["PREFECT_HOME"], PREFECT_SERVER_ANALYTICS_ENABLED: False,
-               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 90}
-    with temporary_settings(updates=offline), prefect_test_harness(server_startup_timeout=120):
-        yield PREFECT_API_URL.value()
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """params.yaml (the tiny configuration) and the tiny base model and prompts, published as artifacts."""

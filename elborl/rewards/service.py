@@ -88,7 +88,7 @@ DEFAULT_MAX_SIDE = 2048
 @dataclass
 class ServiceConfig:
     rewards: tuple[str, ...]
-    token: str | None  # None: no authentication (loopback only; see check_bind)
+    token: str | None = field(repr=False)  # None: no authentication (loopback only; see check_bind); never shown
     max_request_bytes: int = 64 * MiB
     max_images: int = 256  # per request
     max_pixels: int = 4096 * 4096  # per image, checked from the header before decoding (decompression bombs)
