@@ -328,7 +328,7 @@ def test_flow_grpo_leaves_samples_with_zero_advantage_out_of_the_update():
 
 ELBO_ROW_KEYS = {"epoch", "reward_mean", "reward_std", "delta_mean", "delta_abs_max", "ratio_mean", "ratio_min",
                  "ratio_max", "kl", "grad_norm", "advantage_abs_mean", "seconds_rollout", "seconds_reward",
-                 "seconds_update", "train_seconds", "group_diversity"}
+                 "seconds_update", "train_seconds", "group_diversity", "nonfinite_steps"}
 
 
 @pytest.mark.parametrize("name, settings, extra", [
