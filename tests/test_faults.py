@@ -224,9 +224,9 @@ def test_the_s3_server_killed_mid_upload_and_mid_download_is_retried_and_nothing
 
 
 # --- the reward service crashes ----------------------------------------------------------------------------------
-def _serve_rewards(port: int, token: str) -> subprocess.Popen:
+def _serve_rewards(port: int, token: str, *options: str) -> subprocess.Popen:
     service = subprocess.Popen([sys.executable, "-m", "elborl.rewards.service", "--port", str(port), "--rewards",
-                                "shapes_geneval", "--preload", "--threads", "1"], cwd=ROOT,
+                                "shapes_geneval", "--preload", "--threads", "1", *options], cwd=ROOT,
                                env={**os.environ, "ELBORL_REWARD_TOKEN": token}, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
@@ -239,8 +239,11 @@ def _serve_rewards(port: int, token: str) -> subprocess.Popen:
             time.sleep(0.2)
 
 
-def test_the_reward_service_killed_mid_round_fails_the_score_stage_cleanly_and_the_round_resumes(tmp_path,
+@pytest.mark.parametrize("fault", ["killed", "too slow"])
+def test_the_reward_service_failing_mid_round_fails_the_score_stage_cleanly_and_the_round_resumes(fault, tmp_path,
                                                                                                  monkeypatch):
+    """Killed: connections refused. Too slow: every request outlasts the service's deadline (a 1 ms
+    --request-timeout stands in for a reward stuck on a slow GPU), answered 503 with Retry-After."""
     import numpy as np
     import torch
     from PIL import Image
@@ -269,15 +272,21 @@ def test_the_reward_service_killed_mid_round_fails_the_score_stage_cleanly_and_t
     monkeypatch.setenv("ELBORL_REWARD_TOKEN", token)
     argv = ["--params", str(ROOT / "params.yaml"), "--threads", "1", "--run", str(run), "--round", "0",
             "--reward-url", f"http://127.0.0.1:{port}"]
-    service = _serve_rewards(port, token)
-    service.kill()  # the service crashes before the round's images reach it
-    service.wait()
+    service = _serve_rewards(port, token, *(["--request-timeout", "0.001"] if fault == "too slow" else []))
+    if fault == "killed":
+        service.kill()  # the service crashes before the round's images reach it
+        service.wait()
     start = time.perf_counter()
-    with pytest.raises(SystemExit) as raised:
-        run_stage(main, build_parser(), argv)
+    try:
+        with pytest.raises(SystemExit) as raised:
+            run_stage(main, build_parser(), argv)
+    finally:
+        service.kill()
+        service.wait()
     waited = time.perf_counter() - start
     message = str(raised.value.code)
     assert "failed after 6 attempts" in message and "\n" not in message and token not in message
+    assert ("deadline" in message) == (fault == "too slow"), message
     assert not (run / "round-00000" / "score").exists()  # nothing published: the round is still to be scored
 
     service = _serve_rewards(port, token)  # back: the same stage scores the round
@@ -288,7 +297,7 @@ def test_the_reward_service_killed_mid_round_fails_the_score_stage_cleanly_and_t
         service.wait()
     rewards = json.loads((run / "round-00000" / "score" / "rewards.json").read_text())["rewards"]
     assert np.array_equal(np.array(rewards, dtype=np.float32), make_reward("shapes_geneval")(images, metas))
-    print(f"\nreward service down: the score stage gave up after {waited:.1f} s of retries, published nothing; "
+    print(f"\nreward service {fault}: the score stage gave up after {waited:.1f} s of retries, published nothing; "
           f"served again, the round scored as in-process")
 
 
