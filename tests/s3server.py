@@ -103,7 +103,7 @@ class JuicefsGateway:
              "elborl-test"], capture_output=True, text=True)
         if formatting.returncode != 0:
             raise RuntimeError(f"juicefs format failed ({formatting.returncode}): {formatting.stderr[-2000:]}")
-        self.port = _free_port()
+        self.port = free_port()
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
         self.command = [
             juicefs, "--no-agent", "gateway", "--multi-buckets", "--keep-etag", "--no-usage-report", "--no-banner",
@@ -174,7 +174,7 @@ def _moto_server(missing: str) -> Iterator[str]:
         server.stop()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]

@@ -24,6 +24,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -34,17 +35,14 @@ TRIALS = int(os.environ.get("ELBORL_FAULT_TRIALS", "20"))
 KINDS = ("rollout", "score", "update", "publish", "time")
 ROUNDS = 2
 
-def _run(run: str, inputs: dict, cache: Path, kill_at: dict | None, counts_out: Path | None) -> None:
-    """Two rounds of the run at `run`, in a forked process (the imports are the parent's): with `kill_at` =
-    {"kind": ..., "call": c} it SIGKILLs itself on that call; `counts_out` receives the calls of each kind."""
+def install_kill_points(kill_at: dict | None) -> tuple[dict, Callable]:
+    """Counts this process's calls of the sampler (rollout), the optimizer's step (update) and S3 uploads (publish)
+    and SIGKILLs it on `kill_at` = {"kind": ..., "call": c}; returns the counts and `counted(kind, function)`, which
+    makes `function` a kill point of that kind too (the reward: score)."""
     import boto3.s3.transfer
     import torch
 
     from elborl import rl
-    from elborl.config import Params
-    from elborl.rounds import RunContext, run_rounds
-    from test_rl_loop import brightness, small_config
-    from test_rounds import POLICY
 
     calls = {}
 
@@ -59,6 +57,18 @@ def _run(run: str, inputs: dict, cache: Path, kill_at: dict | None, counts_out: 
     rl.sample = counted("rollout", rl.sample)
     torch.optim.AdamW.step = counted("update", torch.optim.AdamW.step)
     boto3.s3.transfer.S3Transfer.upload_file = counted("publish", boto3.s3.transfer.S3Transfer.upload_file)
+    return calls, counted
+
+
+def _run(run: str, inputs: dict, cache: Path, kill_at: dict | None, counts_out: Path | None) -> None:
+    """Two rounds of the run at `run`, in a forked process (the imports are the parent's), with the kill points
+    of `install_kill_points`; `counts_out` receives the calls of each kind."""
+    from elborl.config import Params
+    from elborl.rounds import RunContext, run_rounds
+    from test_rl_loop import brightness, small_config
+    from test_rounds import POLICY
+
+    calls, counted = install_kill_points(kill_at)
     ctx = RunContext(run, Params(policy=POLICY, rl=small_config(epochs=ROUNDS)), inputs["base"], inputs["prompts"],
                      cache=cache, log=lambda line: None)
     run_rounds(ctx, counted("score", brightness), rounds=ROUNDS, progress=False)
@@ -245,30 +255,22 @@ def test_the_reward_service_failing_mid_round_fails_the_score_stage_cleanly_and_
     """Killed: connections refused. Too slow: every request outlasts the service's deadline (a 1 ms
     --request-timeout stands in for a reward stuck on a slow GPU), answered 503 with Retry-After."""
     import numpy as np
-    import torch
-    from PIL import Image
-    from safetensors.torch import save_file
 
     from elborl.geneval.prompts import shapes_test_set
     from elborl.rewards import make_reward
     from elborl.shapes.render import render_batch
     from stages._common import run_stage
     from stages.score import build_parser, main
+    from s3server import free_port
+    from test_reward_service import rollout_directory
 
     metas = shapes_test_set()[:12]
     images = render_batch(metas, seed=3)
-    rollout = tmp_path / "rollout"
-    (rollout / "images").mkdir(parents=True)
-    for i, image in enumerate(images):
-        Image.fromarray(image).save(rollout / "images" / f"{i:05d}.png")
-    sampler = {"sampler": "euler", "steps": 1, "shift": 1.0, "guidance": 1.0}
-    (rollout / "samples.jsonl").write_text("".join(json.dumps({**m, "group": i, "seed": i, **sampler}) + "\n"
-                                                   for i, m in enumerate(metas)))
-    save_file({"x0": torch.zeros(len(metas), 3, 32, 32)}, rollout / "samples.safetensors")
     run = tmp_path / "run"
-    ArtifactStore().put_artifact(rollout, run / "round-00000" / "rollout", {"stage": "rollout"})
+    ArtifactStore().put_artifact(rollout_directory(tmp_path / "rollout", images, metas), run / "round-00000" / "rollout",
+                                 {"stage": "rollout"})
 
-    token, port = secrets.token_urlsafe(16), _free_port()
+    token, port = secrets.token_urlsafe(16), free_port()
     monkeypatch.setenv("ELBORL_REWARD_TOKEN", token)
     argv = ["--params", str(ROOT / "params.yaml"), "--threads", "1", "--run", str(run), "--round", "0",
             "--reward-url", f"http://127.0.0.1:{port}"]
@@ -301,31 +303,14 @@ def test_the_reward_service_failing_mid_round_fails_the_score_stage_cleanly_and_
           f"served again, the round scored as in-process")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 # --- the Prefect flow killed at random points ------------------------------------------------------------------
 FLOW_CHILD = """
-import json, os, signal, sys
-import boto3.s3.transfer, torch
+import json, os, sys
 import flows
-from elborl import rl, rewards
-kill_at, calls = json.loads(os.environ["KILL_AT"]), {}
-def counted(kind, function):
-    def wrapper(*args, **kwargs):
-        calls[kind] = calls.get(kind, 0) + 1
-        if kill_at and kill_at["kind"] == kind and calls[kind] == kill_at["call"]:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return function(*args, **kwargs)
-    return wrapper
-rl.sample = counted("rollout", rl.sample)
-torch.optim.AdamW.step = counted("update", torch.optim.AdamW.step)
-boto3.s3.transfer.S3Transfer.upload_file = counted("publish", boto3.s3.transfer.S3Transfer.upload_file)
+sys.path.insert(0, "tests")
+from test_faults import install_kill_points
+from elborl import rewards
+calls, counted = install_kill_points(json.loads(os.environ["KILL_AT"]))
 rewards.REWARDS["counted"] = lambda: counted("score", rewards.make_reward("shapes_geneval"))
 from flows.training import main
 main(sys.argv[1:] + ["--reward", "counted", "--rounds", "2", "--threads", "1"])

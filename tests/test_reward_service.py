@@ -347,6 +347,18 @@ def test_back_pressure_a_queue_of_one_still_scores_every_request_correctly(in_pr
     assert service.stats["scored_images"] == sum(len(images) for images, _ in batches)
 
 
+def rollout_directory(directory: Path, images: np.ndarray, metas: list[dict]) -> Path:
+    """A rollout artifact's files for `images` and their prompts (one group each), as the score stage reads them."""
+    (directory / "images").mkdir(parents=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(directory / "images" / f"{i:05d}.png")
+    sampler = {"sampler": "euler", "steps": 1, "shift": 1.0, "guidance": 1.0}
+    (directory / "samples.jsonl").write_text("".join(json.dumps({**m, "group": i, "seed": i, **sampler}) + "\n"
+                                                     for i, m in enumerate(metas)))
+    save_file({"x0": torch.zeros(len(metas), 3, 32, 32)}, directory / "samples.safetensors")
+    return directory
+
+
 def test_the_score_stage_scores_through_the_service(server, in_process, tmp_path, monkeypatch):
     from stages.score import build_parser, main
     from stages._common import run_stage
@@ -355,14 +367,7 @@ def test_the_score_stage_scores_through_the_service(server, in_process, tmp_path
     metas = shapes_test_set()[:24]
     images = render_batch(metas, seed=7)
     images[::3] = render_batch(metas[1::3], seed=8)  # every third image shows another prompt: rewards vary
-    rollout = tmp_path / "rollout"
-    (rollout / "images").mkdir(parents=True)
-    for i, image in enumerate(images):
-        Image.fromarray(image).save(rollout / "images" / f"{i:05d}.png")
-    sampler = {"sampler": "euler", "steps": 1, "shift": 1.0, "guidance": 1.0}
-    (rollout / "samples.jsonl").write_text("".join(json.dumps({**m, "group": i, "seed": i, **sampler}) + "\n"
-                                                   for i, m in enumerate(metas)))
-    save_file({"x0": torch.zeros(len(metas), 3, 32, 32)}, rollout / "samples.safetensors")
+    rollout = rollout_directory(tmp_path / "rollout", images, metas)
     run = tmp_path / "run"
     ArtifactStore().put_artifact(rollout, run / "round-00000" / "rollout", {"stage": "rollout"})
 
